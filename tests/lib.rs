@@ -1,1 +1,2 @@
-
+//! Scenario tests live in this crate's test targets (`speech.rs`); the
+//! library is empty.

@@ -182,18 +182,17 @@ impl WavSource {
         if let Some(e) = failure {
             self.resampler.finish(&mut sink)?;
             self.ended = true;
-            self.failure = Some(match e {
-                hound::Error::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    AudioError::Truncated {
-                        path: self.path.clone(),
-                        declared_ms: self.info.duration_ms(),
-                        read_ms: self.frames_read * 1000 / u64::from(self.info.sample_rate),
-                    }
-                }
-                other => AudioError::Read {
+            // hound reports a short data chunk as an I/O or a format error
+            // depending on where the bytes stop; before the declared end,
+            // both mean the file was cut.
+            self.failure = Some(if self.frames_read < self.info.frames {
+                AudioError::Truncated {
                     path: self.path.clone(),
-                    reason: other.to_string(),
-                },
+                    declared_ms: self.info.duration_ms(),
+                    read_ms: self.frames_read * 1000 / u64::from(self.info.sample_rate),
+                }
+            } else {
+                AudioError::Read { path: self.path.clone(), reason: e.to_string() }
             });
         } else if taken < wanted {
             self.resampler.finish(&mut sink)?;
@@ -209,7 +208,8 @@ fn to_i16(s: f32) -> i16 {
 
 impl AudioSource for WavSource {
     fn read(&mut self, buf: &mut [i16]) -> Result<usize, AudioError> {
-        while self.ready.is_empty() && !self.ended {
+        // Fill the whole buffer when the file has enough: callers get full chunks.
+        while self.ready.len() < buf.len() && !self.ended {
             self.fill()?;
         }
         if self.ready.is_empty() {
