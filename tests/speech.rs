@@ -15,7 +15,12 @@ use kith::store::ModelStore;
 use kith_hal::WavSource;
 
 /// Voice and words-per-minute variants each phrase is spoken in.
-const VOICES: [(&str, u32); 4] = [("en-us", 140), ("en-us", 170), ("en-gb", 140), ("en-gb", 170)];
+const VOICES: [(&str, u32); 4] = [
+    ("en-us", 140),
+    ("en-us", 170),
+    ("en-gb", 140),
+    ("en-gb", 170),
+];
 
 fn store() -> ModelStore {
     let dir = std::env::var_os("KITH_MODELS_DIR")
@@ -25,7 +30,10 @@ fn store() -> ModelStore {
 }
 
 fn speak(dir: &Path, text: &str, voice: &str, wpm: u32) -> PathBuf {
-    let path = dir.join(format!("{voice}-{wpm}-{}.wav", text.replace(|c: char| !c.is_alphanumeric(), "_")));
+    let path = dir.join(format!(
+        "{voice}-{wpm}-{}.wav",
+        text.replace(|c: char| !c.is_alphanumeric(), "_")
+    ));
     let status = Command::new("espeak-ng")
         .args(["-v", voice, "-s", &wpm.to_string(), "-w"])
         .arg(&path)
@@ -39,7 +47,8 @@ fn speak(dir: &Path, text: &str, voice: &str, wpm: u32) -> PathBuf {
 /// The wake words (with class label for timer) that fire on `text` in each voice variant.
 fn heard(text: &str) -> Vec<BTreeSet<String>> {
     let store = store();
-    let (mut pipeline, _) = listen::load_pipeline(&store, &ListenOptions::default()).expect("pipeline");
+    let (mut pipeline, _) =
+        listen::load_pipeline(&store, &ListenOptions::default()).expect("pipeline");
     let dir = tempfile::tempdir().expect("tmp");
     VOICES
         .iter()
@@ -64,13 +73,20 @@ fn heard(text: &str) -> Vec<BTreeSet<String>> {
 fn assert_detected(text: &str, expected: &str, min_hits: usize) {
     let results = heard(text);
     let hits = results.iter().filter(|f| f.contains(expected)).count();
-    let wrong: BTreeSet<&String> = results.iter().flatten().filter(|m| *m != expected).collect();
+    let wrong: BTreeSet<&String> = results
+        .iter()
+        .flatten()
+        .filter(|m| *m != expected)
+        .collect();
     assert!(
         hits >= min_hits,
         "{text:?}: {expected} fired in {hits} of {} voices (want ≥ {min_hits}): {results:?}",
         results.len()
     );
-    assert!(wrong.is_empty(), "{text:?}: wrong wake words fired: {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "{text:?}: wrong wake words fired: {wrong:?}"
+    );
 }
 
 #[test]
@@ -107,6 +123,9 @@ fn ordinary_sentences_fire_nothing() {
         "please call my mother tomorrow morning",
     ] {
         let results = heard(text);
-        assert!(results.iter().all(BTreeSet::is_empty), "{text:?} fired {results:?}");
+        assert!(
+            results.iter().all(BTreeSet::is_empty),
+            "{text:?} fired {results:?}"
+        );
     }
 }

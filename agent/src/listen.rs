@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kith_hal::AudioSource;
-use kith_models::{CHUNK_SAMPLES, Detection, SpeechFrontEnd, Vad, WakeHead, WakeWordPipeline};
+use kith_models::{
+    CHUNK_SAMPLES, Detection, EmbeddingMode, SpeechFrontEnd, Vad, WakeHead, WakeWordPipeline,
+};
 use serde::Serialize;
 
 use crate::store::{ModelStore, Status};
@@ -21,6 +23,8 @@ pub struct ListenOptions {
     pub refractory_ms: u32,
     /// Gate detections on the silero VAD at this score.
     pub vad_threshold: Option<f32>,
+    /// Streaming (cheaper, 80 ms later) or windowed (openWakeWord's) embedding.
+    pub embedding: EmbeddingMode,
 }
 
 impl Default for ListenOptions {
@@ -30,6 +34,7 @@ impl Default for ListenOptions {
             threshold: 0.5,
             refractory_ms: 2000,
             vad_threshold: None,
+            embedding: EmbeddingMode::default(),
         }
     }
 }
@@ -111,6 +116,7 @@ pub fn load_pipeline(store: &ModelStore, opts: &ListenOptions) -> Result<(WakeWo
         &store.require("melspectrogram")?,
         &store.require("embedding_model")?,
         history,
+        opts.embedding,
     )
     .context("loading the audio front end")?;
     let mut pipeline = WakeWordPipeline::new(front, heads, opts.threshold, opts.refractory_ms)?;

@@ -10,6 +10,7 @@ use kith::catalog::Catalog;
 use kith::listen::{self, ListenOptions, WakeEvent};
 use kith::store::{FetchOptions, ModelStore, Status, default_models_dir, human_bytes};
 use kith_hal::{AudioSource, WavSource};
+use kith_models::EmbeddingMode;
 
 /// kith: a low-footprint AI agent for single-board computers.
 #[derive(Parser)]
@@ -58,6 +59,12 @@ enum ModelsCommand {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Embedding {
+    Streaming,
+    Windowed,
+}
+
 #[derive(Args)]
 struct ListenArgs {
     /// A WAV file (any rate, channels, 8–32-bit)
@@ -86,6 +93,11 @@ struct ListenArgs {
     /// Gate detections on voice activity (silero VAD) at this score
     #[arg(long, value_name = "SCORE", num_args = 0..=1, default_missing_value = "0.5")]
     vad: Option<f32>,
+    /// Speech embedding: `streaming` computes only what new audio adds
+    /// (several times cheaper, decisions 80 ms later); `windowed` recomputes
+    /// the 760 ms window every chunk as openWakeWord does
+    #[arg(long, value_enum, default_value_t = Embedding::Streaming)]
+    embedding: Embedding,
     /// Silence added before and after a file, as openWakeWord does for clips
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pad_ms: u32,
@@ -194,6 +206,10 @@ fn listen_cmd(store: &ModelStore, args: ListenArgs) -> Result<()> {
         threshold: args.threshold,
         refractory_ms: args.refractory_ms,
         vad_threshold: args.vad,
+        embedding: match args.embedding {
+            Embedding::Streaming => EmbeddingMode::Streaming,
+            Embedding::Windowed => EmbeddingMode::Windowed,
+        },
     };
     if let Some(v) = opts.vad_threshold
         && !(0.0..=1.0).contains(&v)

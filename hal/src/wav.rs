@@ -192,7 +192,10 @@ impl WavSource {
                     read_ms: self.frames_read * 1000 / u64::from(self.info.sample_rate),
                 }
             } else {
-                AudioError::Read { path: self.path.clone(), reason: e.to_string() }
+                AudioError::Read {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                }
             });
         } else if taken < wanted {
             self.resampler.finish(&mut sink)?;

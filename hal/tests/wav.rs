@@ -11,13 +11,19 @@ fn write_sine(path: &Path, rate: u32, channels: u16, bits: u16, float: bool, hz:
         channels,
         sample_rate: rate,
         bits_per_sample: bits,
-        sample_format: if float { SampleFormat::Float } else { SampleFormat::Int },
+        sample_format: if float {
+            SampleFormat::Float
+        } else {
+            SampleFormat::Int
+        },
     };
     let mut w = WavWriter::create(path, spec).expect("create wav");
     let frames = (rate as f32 * secs) as usize;
     for i in 0..frames {
         // f64 phase: f32 loses whole samples past 2^24 (a 10-minute file).
-        let v = (0.5 * (2.0 * std::f64::consts::PI * f64::from(hz) * i as f64 / f64::from(rate)).sin()) as f32;
+        let v = (0.5
+            * (2.0 * std::f64::consts::PI * f64::from(hz) * i as f64 / f64::from(rate)).sin())
+            as f32;
         for _ in 0..channels {
             if float {
                 w.write_sample(v).expect("write");
@@ -45,12 +51,20 @@ fn read_all(path: &Path) -> Result<Vec<i16>, (Vec<i16>, AudioError)> {
 
 /// Frequency estimated from zero crossings.
 fn frequency(samples: &[i16]) -> f32 {
-    let crossings = samples.windows(2).filter(|w| (w[0] < 0) != (w[1] < 0)).count();
+    let crossings = samples
+        .windows(2)
+        .filter(|w| (w[0] < 0) != (w[1] < 0))
+        .count();
     crossings as f32 / 2.0 / (samples.len() as f32 / 16_000.0)
 }
 
 fn amplitude(samples: &[i16]) -> f32 {
-    samples.iter().map(|s| i32::from(*s).abs()).max().unwrap_or(0) as f32 / 32768.0
+    samples
+        .iter()
+        .map(|s| i32::from(*s).abs())
+        .max()
+        .unwrap_or(0) as f32
+        / 32768.0
 }
 
 fn tmp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
@@ -62,7 +76,11 @@ fn sixteen_khz_mono_16_bit_passes_through_bit_exact() {
     let dir = tempfile::tempdir().expect("tmp");
     let p = tmp(&dir, "a.wav");
     write_sine(&p, 16_000, 1, 16, false, 440.0, 0.5);
-    let expected: Vec<i16> = hound::WavReader::open(&p).expect("open").samples::<i16>().map(|s| s.expect("s")).collect();
+    let expected: Vec<i16> = hound::WavReader::open(&p)
+        .expect("open")
+        .samples::<i16>()
+        .map(|s| s.expect("s"))
+        .collect();
     assert_eq!(read_all(&p).expect("read"), expected);
 }
 
@@ -82,14 +100,22 @@ fn a_48_khz_stereo_file_becomes_16_khz_mono_with_pitch_and_length_kept() {
 #[test]
 fn eight_bit_24_bit_and_float_files_decode_to_the_same_tone() {
     let dir = tempfile::tempdir().expect("tmp");
-    for (bits, float, rate) in [(8, false, 8_000), (24, false, 44_100), (32, false, 22_050), (32, true, 16_000)] {
+    for (bits, float, rate) in [
+        (8, false, 8_000),
+        (24, false, 44_100),
+        (32, false, 22_050),
+        (32, true, 16_000),
+    ] {
         let p = tmp(&dir, &format!("{bits}-{float}.wav"));
         write_sine(&p, rate, 1, bits, float, 300.0, 0.5);
         let out = read_all(&p).expect("read");
         assert_eq!(out.len(), 8_000, "{bits}-bit {rate} Hz: half a second");
         let f = frequency(&out[500..7500]);
         assert!((f - 300.0).abs() < 5.0, "{bits}-bit: {f} Hz");
-        assert!((amplitude(&out[500..7500]) - 0.5).abs() < 0.03, "{bits}-bit level");
+        assert!(
+            (amplitude(&out[500..7500]) - 0.5).abs() < 0.03,
+            "{bits}-bit level"
+        );
     }
 }
 
@@ -107,15 +133,24 @@ fn an_empty_file_is_a_clear_error() {
 fn a_file_that_is_not_wav_is_a_clear_error_with_a_fix() {
     let dir = tempfile::tempdir().expect("tmp");
     let p = tmp(&dir, "song.mp3");
-    std::fs::write(&p, b"ID3\x03\x00\x00\x00\x00\x00\x00 this is an mp3, honest").expect("write");
+    std::fs::write(
+        &p,
+        b"ID3\x03\x00\x00\x00\x00\x00\x00 this is an mp3, honest",
+    )
+    .expect("write");
     let e = WavSource::open(&p).err().expect("must fail");
     assert!(matches!(e, AudioError::NotWav { .. }), "{e}");
-    assert!(e.to_string().contains("not a WAV file") && e.to_string().contains("sox"), "{e}");
+    assert!(
+        e.to_string().contains("not a WAV file") && e.to_string().contains("sox"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_missing_file_names_the_path() {
-    let e = WavSource::open(Path::new("/nonexistent/kith.wav")).err().expect("must fail");
+    let e = WavSource::open(Path::new("/nonexistent/kith.wav"))
+        .err()
+        .expect("must fail");
     assert!(e.to_string().contains("/nonexistent/kith.wav"), "{e}");
 }
 
@@ -129,7 +164,17 @@ fn a_truncated_file_delivers_every_sample_present_then_says_it_was_truncated() {
     std::fs::write(&p, &bytes[..44 + 8_000]).expect("write");
     let (delivered, e) = read_all(&p).expect_err("must report truncation");
     assert_eq!(delivered.len(), 4_000, "all 0.25 s present were delivered");
-    assert!(matches!(e, AudioError::Truncated { declared_ms: 1000, read_ms: 250, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            AudioError::Truncated {
+                declared_ms: 1000,
+                read_ms: 250,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("truncated"), "{e}");
 }
 
@@ -160,9 +205,15 @@ fn a_ten_minute_file_streams_through_with_its_exact_length() {
             break;
         }
         total += n;
-        assert!(n == buf.len() || total == 600 * 16_000, "full chunks until the end");
+        assert!(
+            n == buf.len() || total == 600 * 16_000,
+            "full chunks until the end"
+        );
         last_chunk_freq = frequency(&buf[..n]);
     }
     assert_eq!(total, 600 * 16_000);
-    assert!((last_chunk_freq - 1000.0).abs() < 30.0, "still the same tone at the end: {last_chunk_freq}");
+    assert!(
+        (last_chunk_freq - 1000.0).abs() < 30.0,
+        "still the same tone at the end: {last_chunk_freq}"
+    );
 }

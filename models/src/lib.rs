@@ -10,13 +10,14 @@
 
 mod error;
 mod plan;
+mod pulse;
 pub mod vad;
 pub mod wake;
 
 pub use error::ModelError;
 pub use plan::OnnxPlan;
 pub use vad::Vad;
-pub use wake::{Detection, SpeechFrontEnd, WakeHead, WakeWordPipeline};
+pub use wake::{Detection, EmbeddingMode, SpeechFrontEnd, WakeHead, WakeWordPipeline};
 
 /// Sample rate of every audio model here, in Hz.
 pub const SAMPLE_RATE: u32 = 16_000;

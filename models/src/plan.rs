@@ -13,6 +13,8 @@ use crate::error::{ModelError, reason};
 pub struct OnnxPlan {
     /// Short name used in errors ("embedding_model", "alexa_v0.1").
     name: String,
+    /// The optimized plan, kept to start a fresh state on reset.
+    plan: Arc<TypedSimplePlan>,
     /// The plan's execution state, kept across calls so tract does not rebuild it.
     state: TypedSimpleState,
     /// Input tensors, allocated at load time and filled in place before each run.
@@ -32,8 +34,26 @@ impl OnnxPlan {
                 .with_input_fact(ix, f32::fact(*shape).into())
                 .map_err(fail)?;
         }
-        let mut optimized = model.into_optimized().map_err(fail)?;
-        reset_recurrent_state_every_run(&mut optimized);
+        let optimized = model.into_optimized().map_err(fail)?;
+        Self::from_typed(path, optimized, input_shapes, true)
+    }
+
+    /// Plans an optimized typed model. `stateless` makes every run start
+    /// from the model's initial recurrent state (ONNX semantics); a pulsed
+    /// (streaming) model needs its state carried instead.
+    pub(crate) fn from_typed(
+        path: &Path,
+        mut optimized: TypedModel,
+        input_shapes: &[&[usize]],
+        stateless: bool,
+    ) -> Result<Self, ModelError> {
+        let fail = |e: TractError| ModelError::Load {
+            path: path.to_path_buf(),
+            reason: reason(&e),
+        };
+        if stateless {
+            reset_recurrent_state_every_run(&mut optimized);
+        }
         let plan = optimized.into_runnable().map_err(fail)?;
         let state = plan.spawn().map_err(fail)?;
         let inputs = input_shapes
@@ -47,9 +67,19 @@ impl OnnxPlan {
             .unwrap_or_else(|| path.display().to_string());
         Ok(OnnxPlan {
             name,
+            plan,
             state,
             inputs,
         })
+    }
+
+    /// Drops any state carried between runs (a pulsed model's stream).
+    pub(crate) fn reset_state(&mut self) -> Result<(), ModelError> {
+        self.state = self.plan.spawn().map_err(|e| ModelError::Run {
+            model: self.name.clone(),
+            reason: reason(&e),
+        })?;
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

@@ -10,7 +10,10 @@
 use std::path::Path;
 
 use crate::error::ModelError;
+use tract_onnx::prelude::{TValue, TVec};
+
 use crate::plan::{OnnxPlan, output_slice};
+use crate::pulse::{self, PulsedEmbedding};
 use crate::vad::Vad;
 use crate::{CHUNK_SAMPLES, SAMPLE_RATE};
 
@@ -24,11 +27,43 @@ pub const FRAMES_PER_CHUNK: usize = 8;
 pub const MEL_CONTEXT: usize = 480;
 /// Size of one speech embedding.
 pub const EMBEDDING_DIM: usize = 96;
+/// VAD chunk scores kept: offsets up to 6 chunks, plus the embedding lag.
+const VAD_HISTORY: usize = 8;
 /// openWakeWord reports zero for the first scores after a head starts.
 const WARMUP_CHUNKS: u32 = 5;
 
+/// Milliseconds per chunk.
+const CHUNK_MS: u64 = (CHUNK_SAMPLES as u64) * 1000 / SAMPLE_RATE as u64;
 const MEL_INPUT: usize = CHUNK_SAMPLES + MEL_CONTEXT;
 const FIRST_FRAMES: usize = (CHUNK_SAMPLES - 512) / 160 + 1;
+
+/// How the speech embedding is computed from the mel frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmbeddingMode {
+    /// openWakeWord's way: the model on the last 76 frames at every chunk.
+    /// Scores are exactly openWakeWord's, chunk for chunk.
+    Windowed,
+    /// The model as a streaming network (tract-pulse) that computes only
+    /// what 8 new frames add. Several times cheaper; the same scores one
+    /// chunk (80 ms) later, because the network's stride-8 pooling sees a
+    /// window only when the next 4 frames have arrived.
+    #[default]
+    Streaming,
+}
+
+/// How the embedding model is run.
+enum Embedder {
+    /// [1, 76, 32, 1] per chunk, fed from the mel ring.
+    Windowed(OnnxPlan),
+    /// [1, 8, 32, 1] per pulse, state carried.
+    Streaming {
+        net: PulsedEmbedding,
+        /// Mel frames not yet fed (allocated once for the largest backlog).
+        pending: Vec<f32>,
+        /// Pulses run since the stream began.
+        pulses: u64,
+    },
+}
 
 /// Streaming mel spectrogram + speech embedding: audio chunks in, one
 /// 96-dim embedding per chunk out, kept in a ring for the heads.
@@ -37,8 +72,8 @@ pub struct SpeechFrontEnd {
     mel_first: OnnxPlan,
     /// Mel model planned for every later chunk (1760 samples, 8 frames).
     mel: OnnxPlan,
-    /// Embedding model planned for one [1, 76, 32, 1] window.
-    embedding: OnnxPlan,
+    /// The embedding model, windowed or streaming.
+    embedder: Embedder,
     /// The last `MEL_CONTEXT` samples of the previous chunk, as f32.
     context: [f32; MEL_CONTEXT],
     /// Whether a chunk has been seen (the first one has no context).
@@ -49,36 +84,62 @@ pub struct SpeechFrontEnd {
     embeddings: Ring,
     /// Scratch for one mel model output (8 frames).
     mel_out: [f32; FRAMES_PER_CHUNK * MEL_BINS],
+    /// The embedding of silence, openWakeWord's starting history.
+    silence: [f32; EMBEDDING_DIM],
 }
 
 impl SpeechFrontEnd {
     /// Loads `melspectrogram.onnx` and `embedding_model.onnx` from `dir` and
     /// keeps `history` embeddings (at least the widest head's window).
-    pub fn load(dir: &Path, history: usize) -> Result<Self, ModelError> {
+    pub fn load(dir: &Path, history: usize, mode: EmbeddingMode) -> Result<Self, ModelError> {
         Self::load_files(
             &dir.join("melspectrogram.onnx"),
             &dir.join("embedding_model.onnx"),
             history,
+            mode,
         )
     }
 
     /// Like [`SpeechFrontEnd::load`] with explicit file paths.
-    pub fn load_files(mel: &Path, embedding: &Path, history: usize) -> Result<Self, ModelError> {
+    pub fn load_files(
+        mel: &Path,
+        embedding: &Path,
+        history: usize,
+        mode: EmbeddingMode,
+    ) -> Result<Self, ModelError> {
         let mel_first = OnnxPlan::load(mel, &[&[1, CHUNK_SAMPLES]])?;
-        let mel = OnnxPlan::load(mel, &[&[1, MEL_INPUT]])?;
-        let embedding = OnnxPlan::load(embedding, &[&[1, MEL_WINDOW, MEL_BINS, 1]])?;
+        let mut mel = OnnxPlan::load(mel, &[&[1, MEL_INPUT]])?;
+        let mut windowed = OnnxPlan::load(embedding, &[&[1, MEL_WINDOW, MEL_BINS, 1]])?;
+        let silence = silence_embedding(&mut mel, &mut windowed)?;
+        let embedder = match mode {
+            EmbeddingMode::Windowed => Embedder::Windowed(windowed),
+            EmbeddingMode::Streaming => Embedder::Streaming {
+                net: pulse::load(embedding, MEL_BINS, FRAMES_PER_CHUNK)?,
+                pending: Vec::with_capacity((MEL_WINDOW + FRAMES_PER_CHUNK) * MEL_BINS),
+                pulses: 0,
+            },
+        };
         let mut front = SpeechFrontEnd {
             mel_first,
             mel,
-            embedding,
+            embedder,
             context: [0.0; MEL_CONTEXT],
             primed: false,
             mel_ring: Ring::new(MEL_WINDOW, MEL_BINS),
             embeddings: Ring::new(history.max(1), EMBEDDING_DIM),
             mel_out: [0.0; FRAMES_PER_CHUNK * MEL_BINS],
+            silence,
         };
         front.reset()?;
         Ok(front)
+    }
+
+    /// Chunks between a chunk's arrival and its embedding (0 windowed, 1 streaming).
+    pub fn lag_chunks(&self) -> u64 {
+        match self.embedder {
+            Embedder::Windowed(_) => 0,
+            Embedder::Streaming { .. } => 1,
+        }
     }
 
     /// Returns to the state after loading: mel ring of ones, embedding ring
@@ -86,48 +147,30 @@ impl SpeechFrontEnd {
     pub fn reset(&mut self) -> Result<(), ModelError> {
         self.primed = false;
         self.context = [0.0; MEL_CONTEXT];
-        // Silence gives the same frame everywhere, hence one embedding.
-        self.mel.input_mut(0)?.fill(0.0);
-        let outputs = self.mel.run()?;
-        let frame = output_slice(self.mel.name(), &outputs, 0)?;
-        if frame.len() != FRAMES_PER_CHUNK * MEL_BINS {
-            return Err(ModelError::Shape {
-                model: self.mel.name().to_string(),
-                reason: format!(
-                    "expected {} values, got {}",
-                    FRAMES_PER_CHUNK * MEL_BINS,
-                    frame.len()
-                ),
-            });
-        }
-        let input = self.embedding.input_mut(0)?;
-        for row in input.chunks_exact_mut(MEL_BINS) {
-            for (dst, src) in row.iter_mut().zip(&frame[..MEL_BINS]) {
-                *dst = src / 10.0 + 2.0;
-            }
-        }
-        drop(outputs);
-        let outputs = self.embedding.run()?;
-        let silence = output_slice(self.embedding.name(), &outputs, 0)?;
-        if silence.len() != EMBEDDING_DIM {
-            return Err(ModelError::Shape {
-                model: self.embedding.name().to_string(),
-                reason: format!(
-                    "expected a {EMBEDDING_DIM}-dim embedding, got {}",
-                    silence.len()
-                ),
-            });
-        }
         for _ in 0..self.embeddings.capacity() {
-            self.embeddings.push(silence);
+            self.embeddings.push(&self.silence);
         }
         self.mel_ring.fill(1.0);
+        if let Embedder::Streaming {
+            net,
+            pending,
+            pulses,
+        } = &mut self.embedder
+        {
+            net.plan.reset_state()?;
+            *pulses = 0;
+            // The stream starts with the ones openWakeWord's first window
+            // holds, so that window k of the network is the window of chunk k.
+            pending.clear();
+            pending.resize((MEL_WINDOW - FIRST_FRAMES) * MEL_BINS, 1.0);
+        }
         Ok(())
     }
 
-    /// Feeds one chunk of exactly [`CHUNK_SAMPLES`] 16 kHz samples and
-    /// computes one new embedding.
-    pub fn push_chunk(&mut self, chunk: &[i16]) -> Result<(), ModelError> {
+    /// Feeds one chunk of exactly [`CHUNK_SAMPLES`] 16 kHz samples. Returns
+    /// whether a new embedding was added (always when windowed; streaming
+    /// adds the previous chunk's).
+    pub fn push_chunk(&mut self, chunk: &[i16]) -> Result<bool, ModelError> {
         if chunk.len() != CHUNK_SAMPLES {
             return Err(ModelError::Input(format!(
                 "a chunk is {CHUNK_SAMPLES} samples at {SAMPLE_RATE} Hz, got {}",
@@ -148,8 +191,9 @@ impl SpeechFrontEnd {
             }
             (&mut self.mel_first, FIRST_FRAMES)
         };
+        let values = frames * MEL_BINS;
         let outputs = plan.run()?;
-        plan.read_output(&outputs, 0, &mut self.mel_out[..frames * MEL_BINS])?;
+        plan.read_output(&outputs, 0, &mut self.mel_out[..values])?;
         drop(outputs);
         for (dst, s) in self
             .context
@@ -159,27 +203,46 @@ impl SpeechFrontEnd {
             *dst = f32::from(*s);
         }
         self.primed = true;
-        for v in &mut self.mel_out[..frames * MEL_BINS] {
+        for v in &mut self.mel_out[..values] {
             *v = *v / 10.0 + 2.0;
         }
-        for frame in self.mel_out[..frames * MEL_BINS].chunks_exact(MEL_BINS) {
-            self.mel_ring.push(frame);
+        match &mut self.embedder {
+            Embedder::Windowed(plan) => {
+                for frame in self.mel_out[..values].chunks_exact(MEL_BINS) {
+                    self.mel_ring.push(frame);
+                }
+                self.mel_ring.copy_last(MEL_WINDOW, plan.input_mut(0)?);
+                let outputs = plan.run()?;
+                let embedding = embedding_of(plan.name(), &outputs)?;
+                self.embeddings.push(embedding);
+                Ok(true)
+            }
+            Embedder::Streaming {
+                net,
+                pending,
+                pulses,
+            } => {
+                pending.extend_from_slice(&self.mel_out[..values]);
+                let pulse = FRAMES_PER_CHUNK * MEL_BINS;
+                let mut fed = 0;
+                let mut added = false;
+                while pending.len() - fed >= pulse {
+                    net.plan
+                        .input_mut(0)?
+                        .copy_from_slice(&pending[fed..fed + pulse]);
+                    fed += pulse;
+                    let outputs = net.plan.run()?;
+                    *pulses += 1;
+                    if *pulses > net.delay as u64 {
+                        self.embeddings
+                            .push(embedding_of(net.plan.name(), &outputs)?);
+                        added = true;
+                    }
+                }
+                pending.drain(..fed);
+                Ok(added)
+            }
         }
-        self.mel_ring
-            .copy_last(MEL_WINDOW, self.embedding.input_mut(0)?);
-        let outputs = self.embedding.run()?;
-        let embedding = output_slice(self.embedding.name(), &outputs, 0)?;
-        if embedding.len() != EMBEDDING_DIM {
-            return Err(ModelError::Shape {
-                model: self.embedding.name().to_string(),
-                reason: format!(
-                    "expected a {EMBEDDING_DIM}-dim embedding, got {}",
-                    embedding.len()
-                ),
-            });
-        }
-        self.embeddings.push(embedding);
-        Ok(())
     }
 
     /// The newest embedding.
@@ -191,6 +254,51 @@ impl SpeechFrontEnd {
     pub fn history(&self) -> usize {
         self.embeddings.capacity()
     }
+}
+
+/// The embedding of silence: the mel of zeros is the same frame everywhere.
+fn silence_embedding(
+    mel: &mut OnnxPlan,
+    embedding: &mut OnnxPlan,
+) -> Result<[f32; EMBEDDING_DIM], ModelError> {
+    mel.input_mut(0)?.fill(0.0);
+    let outputs = mel.run()?;
+    let frames = output_slice(mel.name(), &outputs, 0)?;
+    if frames.len() != FRAMES_PER_CHUNK * MEL_BINS {
+        return Err(ModelError::Shape {
+            model: mel.name().to_string(),
+            reason: format!(
+                "expected {} values, got {}",
+                FRAMES_PER_CHUNK * MEL_BINS,
+                frames.len()
+            ),
+        });
+    }
+    for row in embedding.input_mut(0)?.chunks_exact_mut(MEL_BINS) {
+        for (dst, src) in row.iter_mut().zip(&frames[..MEL_BINS]) {
+            *dst = src / 10.0 + 2.0;
+        }
+    }
+    drop(outputs);
+    let outputs = embedding.run()?;
+    let mut silence = [0.0; EMBEDDING_DIM];
+    silence.copy_from_slice(embedding_of(embedding.name(), &outputs)?);
+    Ok(silence)
+}
+
+/// Output 0 of an embedding run, checked to be one embedding.
+fn embedding_of<'a>(model: &str, outputs: &'a TVec<TValue>) -> Result<&'a [f32], ModelError> {
+    let embedding = output_slice(model, outputs, 0)?;
+    if embedding.len() != EMBEDDING_DIM {
+        return Err(ModelError::Shape {
+            model: model.to_string(),
+            reason: format!(
+                "expected a {EMBEDDING_DIM}-dim embedding, got {}",
+                embedding.len()
+            ),
+        });
+    }
+    Ok(embedding)
 }
 
 /// One wake-word head: scores its last N embeddings.
@@ -365,14 +473,14 @@ pub struct WakeWordPipeline {
 }
 
 /// openWakeWord's VAD gate: a detection counts only if the VAD saw speech
-/// 4 to 6 chunks (0.32–0.48 s) before the current one.
+/// 4 to 6 chunks (0.32–0.48 s) before the chunk being scored.
 struct VadGate {
     /// The streaming VAD.
     vad: Vad,
     /// Minimum VAD score for detections to pass.
     threshold: f32,
-    /// Chunk scores, newest at `recent[(next + 6) % 7]`.
-    recent: [f32; 7],
+    /// Chunk scores, a ring; the newest is just before `next`.
+    recent: [f32; VAD_HISTORY],
     /// Where the next score goes.
     next: usize,
     /// Scores seen so far (capped at 7).
@@ -380,14 +488,15 @@ struct VadGate {
 }
 
 impl VadGate {
-    fn push(&mut self, chunk: &[i16]) -> Result<f32, ModelError> {
+    /// Scores `chunk`; returns the gate value for the chunk `lag` chunks back.
+    fn push(&mut self, chunk: &[i16], lag: usize) -> Result<f32, ModelError> {
         let p = self.vad.chunk_probability(chunk)?;
         self.recent[self.next] = p;
         self.next = (self.next + 1) % self.recent.len();
         self.seen = (self.seen + 1).min(self.recent.len());
-        // Offsets 4..=6 chunks back from the current one.
+        // Offsets 4..=6 chunks back from the scored chunk.
         let mut best: Option<f32> = None;
-        for back in 4..=6 {
+        for back in (4 + lag)..=(6 + lag).min(VAD_HISTORY - 1) {
             if back < self.seen {
                 let ix = (self.next + self.recent.len() - 1 - back) % self.recent.len();
                 best = Some(best.map_or(self.recent[ix], |b: f32| b.max(self.recent[ix])));
@@ -398,7 +507,7 @@ impl VadGate {
 
     fn reset(&mut self) {
         self.vad.reset();
-        self.recent = [0.0; 7];
+        self.recent = [0.0; VAD_HISTORY];
         self.next = 0;
         self.seen = 0;
     }
@@ -443,7 +552,7 @@ impl WakeWordPipeline {
         self.vad = Some(VadGate {
             vad,
             threshold,
-            recent: [0.0; 7],
+            recent: [0.0; VAD_HISTORY],
             next: 0,
             seen: 0,
         });
@@ -470,7 +579,7 @@ impl WakeWordPipeline {
 
     /// Milliseconds of audio processed so far.
     pub fn elapsed_ms(&self) -> u64 {
-        self.chunks * (CHUNK_SAMPLES as u64) * 1000 / u64::from(SAMPLE_RATE)
+        self.chunks * CHUNK_MS
     }
 
     /// Processes one chunk and calls `on_detection` for each head that fires.
@@ -479,13 +588,18 @@ impl WakeWordPipeline {
         chunk: &[i16],
         mut on_detection: impl FnMut(Detection),
     ) -> Result<(), ModelError> {
-        self.front.push_chunk(chunk)?;
+        let fresh = self.front.push_chunk(chunk)?;
         self.chunks += 1;
-        let t_ms = self.elapsed_ms();
+        let lag = self.front.lag_chunks();
         let speech = match &mut self.vad {
-            Some(gate) => gate.push(chunk)? >= gate.threshold,
+            Some(gate) => gate.push(chunk, lag as usize)? >= gate.threshold,
             None => true,
         };
+        if !fresh {
+            return Ok(());
+        }
+        // The time of the chunk the new embedding belongs to.
+        let t_ms = self.chunks.saturating_sub(lag) * CHUNK_MS;
         for (head, quiet) in self.heads.iter_mut().zip(self.quiet.iter_mut()) {
             let (class, score) = head.score(&self.front)?;
             if *quiet > 0 {

@@ -7,7 +7,9 @@
 
 use std::path::PathBuf;
 
-use kith_models::{CHUNK_SAMPLES, OnnxPlan, SpeechFrontEnd, Vad, WakeHead, WakeWordPipeline};
+use kith_models::{
+    CHUNK_SAMPLES, EmbeddingMode, OnnxPlan, SpeechFrontEnd, Vad, WakeHead, WakeWordPipeline,
+};
 use serde_json::Value;
 
 fn models_dir() -> PathBuf {
@@ -117,8 +119,9 @@ fn the_shipped_silero_vad_is_the_one_tract_cannot_load() {
     assert!(Vad::load(&model("silero_vad")).is_err());
 }
 
-#[test]
-fn streaming_pipeline_scores_match_openwakeword_chunk_by_chunk() {
+/// Runs the fixture utterance through the pipeline in `mode` and compares
+/// every head's score with openWakeWord's, allowing for the mode's lag.
+fn check_stream_against_openwakeword(mode: EmbeddingMode) {
     let f = fixture();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/utterance.wav");
     let audio: Vec<i16> = hound::WavReader::open(path)
@@ -132,21 +135,28 @@ fn streaming_pipeline_scores_match_openwakeword_chunk_by_chunk() {
         .iter()
         .map(|n| WakeHead::load(n, &model(n), &[]).expect("head"))
         .collect();
-    let front = SpeechFrontEnd::load(&models_dir(), 34).expect("front end");
+    let front = SpeechFrontEnd::load(&models_dir(), 34, mode).expect("front end");
+    let lag = front.lag_chunks() as usize;
     let mut pipeline = WakeWordPipeline::new(front, heads, 0.5, 0).expect("pipeline");
     let mut worst = 0.0f32;
+    let mut compared = 0;
     for (ix, chunk) in audio.chunks_exact(CHUNK_SAMPLES).enumerate() {
         pipeline.process_chunk(chunk, |_| {}).expect("chunk");
+        let Some(at) = ix.checked_sub(lag) else {
+            continue;
+        };
         for (h, name) in pipeline.heads().iter().zip(&names) {
-            let want = reference[*name][ix].as_f64().expect("score") as f32;
+            let want = reference[*name][at].as_f64().expect("score") as f32;
             let got = h.scores().iter().copied().fold(0.0, f32::max);
             worst = worst.max((got - want).abs());
             assert!(
                 (got - want).abs() < 2e-3,
-                "chunk {ix}, {name}: tract {got} vs openWakeWord {want}"
+                "{mode:?}, chunk {at}, {name}: tract {got} vs openWakeWord {want}"
             );
+            compared += 1;
         }
     }
+    assert!(compared >= 5 * 50, "compared {compared} scores");
     // The fixture utterance says "hey jarvis, what's the weather".
     let peak = |n: &str| {
         reference[n]
@@ -160,7 +170,17 @@ fn streaming_pipeline_scores_match_openwakeword_chunk_by_chunk() {
         peak("hey_jarvis") > 0.5 && peak("weather") > 0.5,
         "fixture should contain both phrases"
     );
-    eprintln!("max |tract - openWakeWord| over all chunks and heads: {worst}");
+    eprintln!("{mode:?}: max |tract - openWakeWord| over {compared} scores: {worst}");
+}
+
+#[test]
+fn windowed_pipeline_scores_match_openwakeword_chunk_by_chunk() {
+    check_stream_against_openwakeword(EmbeddingMode::Windowed);
+}
+
+#[test]
+fn streaming_pipeline_scores_match_openwakeword_one_chunk_later() {
+    check_stream_against_openwakeword(EmbeddingMode::Streaming);
 }
 
 #[test]
@@ -175,4 +195,24 @@ fn a_recurrent_head_scores_the_same_input_the_same_way_every_run() {
     for _ in 0..3 {
         assert_eq!(plan.run_to_vecs().expect("run")[0][0], first);
     }
+}
+
+#[test]
+fn the_vad_tells_speech_from_silence_in_the_fixture() {
+    // utterance.wav: 1 s of (dithered) silence, then speech from 1.0 s on.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/utterance.wav");
+    let audio: Vec<i16> = hound::WavReader::open(path)
+        .expect("wav")
+        .samples::<i16>()
+        .map(|s| s.expect("sample"))
+        .collect();
+    let mut vad = Vad::load(&model("silero_vad_folded")).expect("vad");
+    let scores: Vec<f32> = audio
+        .chunks_exact(CHUNK_SAMPLES)
+        .map(|c| vad.chunk_probability(c).expect("vad chunk"))
+        .collect();
+    let silence = scores[..11].iter().copied().fold(0.0, f32::max);
+    let speech = scores[13..30].iter().copied().fold(0.0, f32::max);
+    assert!(silence < 0.2, "silence scored {silence}: {scores:?}");
+    assert!(speech > 0.8, "speech scored {speech}: {scores:?}");
 }
