@@ -79,7 +79,7 @@ impl MicSource {
                 let shared = Arc::clone(&shared);
                 device.build_input_stream(
                     &stream_config,
-                    move |data: &[i16], _| enqueue(&shared, data, channels, |s| f32::from(s)),
+                    move |data: &[i16], _| enqueue(&shared, data, channels, f32::from),
                     err_fn,
                     None,
                 )

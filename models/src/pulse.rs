@@ -126,7 +126,7 @@ fn int64_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
         return Some(t.int64_data.clone());
     }
     let raw = &t.raw_data;
-    if raw.len() % 8 != 0 {
+    if !raw.len().is_multiple_of(8) {
         return None;
     }
     Some(

@@ -377,7 +377,7 @@ impl WakeHead {
             .copy_last(self.window, self.plan.input_mut(0)?);
         let outputs = self.plan.run()?;
         let out = output_slice(self.plan.name(), &outputs, 0)?;
-        let positive = if out.len() == 1 { &out[..] } else { &out[1..] };
+        let positive = if out.len() == 1 { out } else { &out[1..] };
         if positive.len() != self.scores.len() {
             return Err(ModelError::Shape {
                 model: self.name.clone(),
