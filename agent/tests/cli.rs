@@ -395,3 +395,17 @@ fn fetching_an_unknown_model_lists_the_known_ones() {
         stderr(&out)
     );
 }
+
+#[test]
+fn listening_to_the_microphone_without_a_sound_card_says_so() {
+    if std::path::Path::new("/proc/asound/cards").exists() {
+        eprintln!(
+            "SKIPPED: this machine has ALSA sound cards; the no-card message cannot be checked here"
+        );
+        return;
+    }
+    let models = installed_models();
+    let out = kith(&["--models-dir", path_str(&models), "listen", "--mic"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no sound card"), "{}", stderr(&out));
+}

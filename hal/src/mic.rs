@@ -43,6 +43,11 @@ pub struct MicSource {
 impl MicSource {
     /// Opens the default input device (or the one whose name contains `name`).
     pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
+        if !alsa_has_cards() {
+            return Err(AudioError::Mic(
+                "no sound card: ALSA lists none in /proc/asound/cards (is the device connected and its driver loaded? `arecord -l` lists capture devices)".into(),
+            ));
+        }
         let host = cpal::default_host();
         let device = match name {
             None => host.default_input_device().ok_or_else(|| {
@@ -117,6 +122,13 @@ impl MicSource {
     pub fn overruns(&self) -> u64 {
         self.shared.queue.lock().map(|q| q.1).unwrap_or(0)
     }
+}
+
+/// Whether the kernel reports any ALSA sound card.
+fn alsa_has_cards() -> bool {
+    std::fs::read_to_string("/proc/asound/cards")
+        .map(|cards| !cards.contains("no soundcards") && !cards.trim().is_empty())
+        .unwrap_or(false)
 }
 
 fn enqueue<T: Copy>(shared: &Shared, data: &[T], channels: usize, to_f32: impl Fn(T) -> f32) {
