@@ -129,51 +129,23 @@ impl WavSource {
     /// Reads one block from the file into `ready`.
     fn fill(&mut self) -> Result<(), AudioError> {
         let channels = usize::from(self.info.channels);
-        self.mono.clear();
-        let mut frame_sum = 0.0f32;
-        let mut in_frame = 0usize;
-        let mut failure = None;
         let wanted = BLOCK_FRAMES * channels;
-        let mut taken = 0usize;
-        if self.info.float {
-            for s in self.reader.samples::<f32>().take(wanted) {
-                taken += 1;
-                match s {
-                    Ok(v) => {
-                        frame_sum += v;
-                        in_frame += 1;
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-                if in_frame == channels {
-                    self.mono.push(frame_sum / channels as f32);
-                    frame_sum = 0.0;
-                    in_frame = 0;
-                }
-            }
+        self.mono.clear();
+        let (taken, failure) = if self.info.float {
+            downmix(
+                self.reader.samples::<f32>().take(wanted),
+                channels,
+                &mut self.mono,
+                |v| v,
+            )
         } else {
-            for s in self.reader.samples::<i32>().take(wanted) {
-                taken += 1;
-                match s {
-                    Ok(v) => {
-                        frame_sum += v as f32;
-                        in_frame += 1;
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-                if in_frame == channels {
-                    self.mono.push(frame_sum / channels as f32);
-                    frame_sum = 0.0;
-                    in_frame = 0;
-                }
-            }
-        }
+            downmix(
+                self.reader.samples::<i32>().take(wanted),
+                channels,
+                &mut self.mono,
+                |v| v as f32,
+            )
+        };
         self.frames_read += self.mono.len() as u64;
         let scale = self.scale;
         let ready = &mut self.ready;
@@ -203,6 +175,35 @@ impl WavSource {
         }
         Ok(())
     }
+}
+
+/// Averages interleaved samples into mono frames; returns the samples taken
+/// and the error that stopped the read, if any.
+fn downmix<S>(
+    samples: impl Iterator<Item = hound::Result<S>>,
+    channels: usize,
+    mono: &mut Vec<f32>,
+    to_f32: impl Fn(S) -> f32,
+) -> (usize, Option<hound::Error>) {
+    let mut frame_sum = 0.0f32;
+    let mut in_frame = 0usize;
+    let mut taken = 0usize;
+    for s in samples {
+        taken += 1;
+        match s {
+            Ok(v) => {
+                frame_sum += to_f32(v);
+                in_frame += 1;
+            }
+            Err(e) => return (taken, Some(e)),
+        }
+        if in_frame == channels {
+            mono.push(frame_sum / channels as f32);
+            frame_sum = 0.0;
+            in_frame = 0;
+        }
+    }
+    (taken, None)
 }
 
 fn to_i16(s: f32) -> i16 {

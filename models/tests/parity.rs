@@ -34,6 +34,17 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture json")
 }
 
+/// The fixture utterance: 1 s of (dithered) silence, "hey jarvis, what's the
+/// weather", 1 s of silence; 16 kHz mono.
+fn utterance() -> Vec<i16> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/utterance.wav");
+    hound::WavReader::open(path)
+        .expect("wav")
+        .samples::<i16>()
+        .map(|s| s.expect("sample"))
+        .collect()
+}
+
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
         .expect("array")
@@ -123,12 +134,7 @@ fn the_shipped_silero_vad_is_the_one_tract_cannot_load() {
 /// every head's score with openWakeWord's, allowing for the mode's lag.
 fn check_stream_against_openwakeword(mode: EmbeddingMode) {
     let f = fixture();
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/utterance.wav");
-    let audio: Vec<i16> = hound::WavReader::open(path)
-        .expect("wav")
-        .samples::<i16>()
-        .map(|s| s.expect("sample"))
-        .collect();
+    let audio = utterance();
     let reference = f["stream"].as_object().expect("stream");
     let names: Vec<&String> = reference.keys().collect();
     let heads: Vec<WakeHead> = names
@@ -200,12 +206,7 @@ fn a_recurrent_head_scores_the_same_input_the_same_way_every_run() {
 #[test]
 fn the_vad_tells_speech_from_silence_in_the_fixture() {
     // utterance.wav: 1 s of (dithered) silence, then speech from 1.0 s on.
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/utterance.wav");
-    let audio: Vec<i16> = hound::WavReader::open(path)
-        .expect("wav")
-        .samples::<i16>()
-        .map(|s| s.expect("sample"))
-        .collect();
+    let audio = utterance();
     let mut vad = Vad::load(&model("silero_vad_folded")).expect("vad");
     let scores: Vec<f32> = audio
         .chunks_exact(CHUNK_SAMPLES)
