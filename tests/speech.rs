@@ -129,3 +129,32 @@ fn ordinary_sentences_fire_nothing() {
         );
     }
 }
+
+#[test]
+fn a_timer_command_after_other_phrases_is_labelled_by_its_duration() {
+    // The timer head crosses the threshold on "set a timer" (as a 1-minute
+    // timer) before "five minutes" is said; the pipeline holds the
+    // detection until the duration is heard.
+    let store = store();
+    let (mut pipeline, _) =
+        listen::load_pipeline(&store, &ListenOptions::default()).expect("pipeline");
+    let dir = tempfile::tempdir().expect("tmp");
+    let wav = speak(
+        dir.path(),
+        "hey jarvis. what's the weather. set a timer for five minutes.",
+        "en-gb",
+        160,
+    );
+    let mut source = WavSource::open(&wav).expect("wav");
+    let mut heard = Vec::new();
+    listen::run(&mut pipeline, &mut source, 1000, &mut |e| {
+        heard.push((e.model, e.label))
+    })
+    .expect("listen");
+    let expected = [
+        ("hey_jarvis".to_string(), None),
+        ("weather".to_string(), None),
+        ("timer".to_string(), Some("5_minute_timer".to_string())),
+    ];
+    assert_eq!(heard, expected);
+}

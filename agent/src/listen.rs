@@ -181,6 +181,7 @@ pub fn run(
         chunk[filled..].fill(0);
         pipeline.process_chunk(&chunk, &mut emit)?;
     }
+    pipeline.flush(&mut emit);
     let process_ms = started.elapsed().as_secs_f64() * 1e3;
     let audio_ms = pipeline.elapsed_ms() - start_ms;
     if let Some(e) = failure {

@@ -464,8 +464,8 @@ pub struct WakeWordPipeline {
     threshold: f32,
     /// Chunks during which a head that fired stays quiet.
     refractory_chunks: u32,
-    /// Per head: chunks left in its refractory period.
-    quiet: Vec<u32>,
+    /// Per head: refractory period and a held multi-class detection.
+    triggers: Vec<Trigger>,
     /// Chunks processed since start or reset.
     chunks: u64,
     /// Optional voice-activity gate: no detection without recent speech.
@@ -536,7 +536,7 @@ impl WakeWordPipeline {
         }
         let chunk_ms = (CHUNK_SAMPLES as u32 * 1000) / SAMPLE_RATE;
         Ok(WakeWordPipeline {
-            quiet: vec![0; heads.len()],
+            triggers: vec![Trigger::default(); heads.len()],
             front,
             heads,
             threshold,
@@ -600,35 +600,103 @@ impl WakeWordPipeline {
         }
         // The time of the chunk the new embedding belongs to.
         let t_ms = self.chunks.saturating_sub(lag) * CHUNK_MS;
-        for (head, quiet) in self.heads.iter_mut().zip(self.quiet.iter_mut()) {
+        for (head, trigger) in self.heads.iter_mut().zip(self.triggers.iter_mut()) {
             let (class, score) = head.score(&self.front)?;
-            if *quiet > 0 {
-                *quiet -= 1;
+            if trigger.quiet > 0 {
+                trigger.quiet -= 1;
                 continue;
             }
-            if speech && score >= self.threshold {
-                *quiet = self.refractory_chunks;
-                on_detection(Detection {
-                    t_ms,
-                    model: head.name.clone(),
-                    label: head.labels[class].clone(),
-                    score,
-                });
+            let over = speech && score >= self.threshold;
+            let multi_class = head.labels.len() > 1;
+            match &mut trigger.held {
+                // A multi-class head (timer) crosses the threshold on "set a
+                // timer" before the words that decide its class ("... for
+                // five minutes"): hold the detection for a while and report
+                // the best class seen.
+                Some(held) if held.left > 0 => {
+                    held.left -= 1;
+                    if speech && score > held.score {
+                        (held.class, held.score) = (class, score);
+                    }
+                }
+                Some(_) => trigger.fire(head, self.refractory_chunks, &mut on_detection),
+                None if over && multi_class => {
+                    trigger.held = Some(Held {
+                        t_ms,
+                        class,
+                        score,
+                        left: MAX_HOLD_CHUNKS,
+                    });
+                }
+                None if over => {
+                    trigger.held = Some(Held {
+                        t_ms,
+                        class,
+                        score,
+                        left: 0,
+                    });
+                    trigger.fire(head, self.refractory_chunks, &mut on_detection);
+                }
+                None => {}
             }
         }
         Ok(())
+    }
+
+    /// Reports detections still held at the end of a stream.
+    pub fn flush(&mut self, mut on_detection: impl FnMut(Detection)) {
+        for (head, trigger) in self.heads.iter().zip(self.triggers.iter_mut()) {
+            trigger.fire(head, self.refractory_chunks, &mut on_detection);
+        }
     }
 
     /// Forgets all audio: back to the state after loading.
     pub fn reset(&mut self) -> Result<(), ModelError> {
         self.front.reset()?;
         self.heads.iter_mut().for_each(WakeHead::reset);
-        self.quiet.fill(0);
+        self.triggers.fill(Trigger::default());
         self.chunks = 0;
         if let Some(gate) = &mut self.vad {
             gate.reset();
         }
         Ok(())
+    }
+}
+
+/// How long a multi-class detection is held for its class to settle (1.2 s).
+const MAX_HOLD_CHUNKS: u32 = 15;
+
+/// Per-head firing state.
+#[derive(Debug, Clone, Default)]
+struct Trigger {
+    /// Chunks left in the refractory period after firing.
+    quiet: u32,
+    /// A detection not reported yet.
+    held: Option<Held>,
+}
+
+/// A detection being held: where it started and the best class so far.
+#[derive(Debug, Clone)]
+struct Held {
+    t_ms: u64,
+    class: usize,
+    score: f32,
+    /// Chunks it may still be held.
+    left: u32,
+}
+
+impl Trigger {
+    /// Reports the held detection, if any, and starts the refractory period.
+    fn fire(&mut self, head: &WakeHead, refractory: u32, on_detection: &mut impl FnMut(Detection)) {
+        if let Some(held) = self.held.take() {
+            self.quiet = refractory;
+            on_detection(Detection {
+                t_ms: held.t_ms,
+                model: head.name.clone(),
+                label: head.labels[held.class].clone(),
+                score: held.score,
+            });
+        }
     }
 }
 
