@@ -73,7 +73,7 @@ fn chunks_of_the_wrong_size_are_input_errors() {
         .expect("dir")
         .to_path_buf();
     let mut front = SpeechFrontEnd::load(&dir, 16, EmbeddingMode::Windowed).expect("front end");
-    let err = front.push_chunk(&[0i16; 1000]).err().expect("must fail");
+    let err = front.push_chunk(&[0i16; 1000]).expect_err("must fail");
     assert!(matches!(err, ModelError::Input(_)), "{err}");
     // And the front end still works afterwards.
     assert!(front.push_chunk(&[0i16; 1280]).expect("a good chunk"));
