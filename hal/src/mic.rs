@@ -43,11 +43,17 @@ pub struct MicSource {
 impl MicSource {
     /// Opens the default input device (or the one whose name contains `name`).
     pub fn open(name: Option<&str>) -> Result<Self, AudioError> {
-        if !alsa_has_cards() {
-            return Err(AudioError::Mic(
-                "no sound card: ALSA lists none in /proc/asound/cards (is the device connected and its driver loaded? `arecord -l` lists capture devices)".into(),
-            ));
-        }
+        // ALSA may capture without a card (a plugin reading a file, a
+        // network PCM), so try first and explain a missing card after.
+        Self::open_device(name).map_err(|e| match e {
+            AudioError::Mic(reason) if !alsa_has_cards() => AudioError::Mic(format!(
+                "no sound card: ALSA lists none in /proc/asound/cards (is the device connected and its driver loaded? `arecord -l` lists capture devices); {reason}"
+            )),
+            other => other,
+        })
+    }
+
+    fn open_device(name: Option<&str>) -> Result<Self, AudioError> {
         let host = cpal::default_host();
         let device = match name {
             None => host.default_input_device().ok_or_else(|| {
