@@ -2,10 +2,12 @@
 //!
 //! Per 1280-sample chunk: the mel model runs on the chunk plus the previous
 //! 480 samples (8 new frames; 5 on the very first chunk, as openWakeWord
-//! does), the frames go into a 76-frame ring, the embedding model turns the
-//! last 76 frames into one 96-dim embedding, and each head scores its last N
-//! embeddings. Every buffer is allocated at load time; a chunk allocates
-//! nothing in this module.
+//! does); the embedding model turns the last 76 frames into one 96-dim
+//! embedding, either on the whole window ([`EmbeddingMode::Windowed`]) or as
+//! a streaming network fed the 8 new frames ([`EmbeddingMode::Streaming`]);
+//! each head scores its last N embeddings. Every buffer is allocated at load
+//! time; a chunk allocates nothing in this module (tract allocates inside
+//! its runs and frees it all, see `tests/memory.rs`).
 
 use std::path::Path;
 
