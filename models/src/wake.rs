@@ -111,16 +111,17 @@ impl SpeechFrontEnd {
     ) -> Result<Self, ModelError> {
         let mel_first = OnnxPlan::load(mel, &[&[1, CHUNK_SAMPLES]])?;
         let mut mel = OnnxPlan::load(mel, &[&[1, MEL_INPUT]])?;
-        let mut windowed = OnnxPlan::load(embedding, &[&[1, MEL_WINDOW, MEL_BINS, 1]])?;
-        let silence = silence_embedding(&mut mel, &mut windowed)?;
-        let embedder = match mode {
-            EmbeddingMode::Windowed => Embedder::Windowed(windowed),
+        let mut embedder = match mode {
+            EmbeddingMode::Windowed => {
+                Embedder::Windowed(OnnxPlan::load(embedding, &[&[1, MEL_WINDOW, MEL_BINS, 1]])?)
+            }
             EmbeddingMode::Streaming => Embedder::Streaming {
                 net: pulse::load(embedding, MEL_BINS, FRAMES_PER_CHUNK)?,
                 pending: Vec::with_capacity((MEL_WINDOW + FRAMES_PER_CHUNK) * MEL_BINS),
                 pulses: 0,
             },
         };
+        let silence = silence_embedding(&mut mel, &mut embedder)?;
         let mut front = SpeechFrontEnd {
             mel_first,
             mel,
@@ -258,10 +259,12 @@ impl SpeechFrontEnd {
     }
 }
 
-/// The embedding of silence: the mel of zeros is the same frame everywhere.
+/// The embedding of silence, computed by the embedder in use: the mel of
+/// zeros is the same frame everywhere, so a window (or a stream) of that
+/// frame. A streaming embedder's state is reset afterwards by `reset`.
 fn silence_embedding(
     mel: &mut OnnxPlan,
-    embedding: &mut OnnxPlan,
+    embedder: &mut Embedder,
 ) -> Result<[f32; EMBEDDING_DIM], ModelError> {
     mel.input_mut(0)?.fill(0.0);
     let outputs = mel.run()?;
@@ -276,15 +279,33 @@ fn silence_embedding(
             ),
         });
     }
-    for row in embedding.input_mut(0)?.chunks_exact_mut(MEL_BINS) {
-        for (dst, src) in row.iter_mut().zip(&frames[..MEL_BINS]) {
-            *dst = src / 10.0 + 2.0;
-        }
+    let mut frame = [0.0f32; MEL_BINS];
+    for (dst, src) in frame.iter_mut().zip(&frames[..MEL_BINS]) {
+        *dst = src / 10.0 + 2.0;
     }
     drop(outputs);
-    let outputs = embedding.run()?;
+    let fill = |input: &mut [f32]| {
+        input
+            .chunks_exact_mut(MEL_BINS)
+            .for_each(|row| row.copy_from_slice(&frame))
+    };
     let mut silence = [0.0; EMBEDDING_DIM];
-    silence.copy_from_slice(embedding_of(embedding.name(), &outputs)?);
+    match embedder {
+        Embedder::Windowed(plan) => {
+            fill(plan.input_mut(0)?);
+            let outputs = plan.run()?;
+            silence.copy_from_slice(embedding_of(plan.name(), &outputs)?);
+        }
+        Embedder::Streaming { net, .. } => {
+            // The first output that sees a whole window comes after `delay` pulses.
+            fill(net.plan.input_mut(0)?);
+            for _ in 0..net.delay {
+                net.plan.run()?;
+            }
+            let outputs = net.plan.run()?;
+            silence.copy_from_slice(embedding_of(net.plan.name(), &outputs)?);
+        }
+    }
     Ok(silence)
 }
 
