@@ -12,6 +12,11 @@ pub enum ModelError {
     /// tract failed while running the plan.
     #[error("running model {model}: {reason}")]
     Run { model: String, reason: String },
+    /// A prompt (with what was generated) does not fit the model's context window.
+    #[error(
+        "the prompt needs {tokens} tokens but the model's context window holds {context}: shorten the prompt or the conversation"
+    )]
+    ContextOverflow { tokens: usize, context: usize },
     /// The caller passed data the pipeline cannot take.
     #[error("invalid input: {0}")]
     Input(String),

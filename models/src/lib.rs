@@ -4,11 +4,15 @@
 //! sockets, no async runtime, no configuration files, no clocks. Anyone can
 //! embed it in another program.
 //!
+//! Text generation (`llm`) runs decoder-only ONNX models with a KV cache,
+//! tokenizes with `tokenizer.json` and streams text token by token.
+//!
 //! The audio path re-implements openWakeWord's streaming pipeline:
 //! 16 kHz mono → 80 ms chunks → mel spectrogram → Google's speech embedding →
 //! wake-word heads, with an optional silero VAD gate.
 
 mod error;
+pub mod llm;
 mod plan;
 mod pulse;
 pub mod vad;

@@ -1,0 +1,47 @@
+//! Loads a language model directory and times prefill and decode:
+//! `cargo run --release -p kith-models --example llm_probe -- DIR [TOKENS]`.
+use std::time::Instant;
+
+use kith_models::llm::{CausalLm, ChatMessage, GenerateOptions, LoadOptions};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = std::path::PathBuf::from(args.get(1).ok_or("usage: llm_probe DIR [TOKENS]")?);
+    let n: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(32);
+    let options = LoadOptions {
+        last_logits_only: std::env::var("KITH_ALL_LOGITS").is_err(),
+        transformer_rewrites: std::env::var("KITH_REWRITES").is_ok(),
+    };
+    let t = Instant::now();
+    let mut lm = CausalLm::load(&dir, &options)?;
+    eprintln!("load {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    let prompt = lm.tokenizer().apply_chat_template(
+        &[ChatMessage::new("user", "What is the capital of France?")],
+        true,
+    )?;
+    let ids = lm.tokenizer().encode(&prompt, false)?;
+    let t = Instant::now();
+    let mut generation = lm.generate(&ids, &GenerateOptions { max_tokens: Some(n), ..Default::default() })?;
+    let prefill = t.elapsed();
+    let t = Instant::now();
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    for piece in generation.by_ref() {
+        let p = piece?;
+        tokens.push(p.token);
+        text.push_str(&p.text);
+    }
+    let decode = t.elapsed();
+    println!("{text}");
+    eprintln!(
+        "prompt {} tokens, prefill {:.0} ms; {} tokens in {:.0} ms = {:.1} tok/s; {:?}; {:?}",
+        ids.len(),
+        prefill.as_secs_f64() * 1e3,
+        generation.generated_tokens(),
+        decode.as_secs_f64() * 1e3,
+        generation.generated_tokens() as f64 / decode.as_secs_f64(),
+        generation.finish_reason(),
+        tokens
+    );
+    Ok(())
+}
