@@ -61,12 +61,32 @@ pub struct ModelEntry {
     /// Class labels of a multi-class head.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Installed file name when it is not `NAME.onnx` (a GGUF, say).
+    pub file: Option<String>,
+    /// Installed as a directory `NAME/` (model.onnx with its tokenizer and
+    /// configuration files); `sha256` is then the hash of `NAME/model.onnx`.
+    #[serde(default)]
+    pub directory: bool,
 }
 
 impl ModelEntry {
-    /// The installed file name.
+    /// The installed file (or directory) name.
     pub fn file_name(&self) -> String {
-        format!("{}.onnx", self.name)
+        if self.directory {
+            return self.name.clone();
+        }
+        self.file
+            .clone()
+            .unwrap_or_else(|| format!("{}.onnx", self.name))
+    }
+
+    /// The file whose sha256 the catalog pins, relative to the models directory.
+    pub fn hashed_file(&self) -> String {
+        if self.directory {
+            format!("{}/model.onnx", self.name)
+        } else {
+            self.file_name()
+        }
     }
 }
 
@@ -165,6 +185,11 @@ impl Catalog {
             out.push(m);
         }
         Ok(())
+    }
+
+    /// Text-generation models in catalog order.
+    pub fn language_models(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.models.iter().filter(|m| m.task == "text-generation")
     }
 
     /// Installed wake-word heads in catalog order.

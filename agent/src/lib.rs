@@ -3,5 +3,6 @@
 //! (inference) and `kith-hal` (the device) together.
 
 pub mod catalog;
+pub mod generate;
 pub mod listen;
 pub mod store;

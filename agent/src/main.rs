@@ -33,6 +33,84 @@ enum Command {
     Models(ModelsCommand),
     /// Listen for wake words in a WAV file or on the microphone
     Listen(ListenArgs),
+    /// Generate text from a prompt with a local language model (streams to stdout)
+    Generate(GenerateArgs),
+    /// Chat interactively with a local language model
+    Chat(ChatArgs),
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Language model: a catalog name or a directory with model.onnx + tokenizer.json
+    #[arg(long, default_value = kith::generate::DEFAULT_MODEL)]
+    model: String,
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (always the most likely token)
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    temperature: f32,
+    /// Sample among the K most likely tokens only (0: all)
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    top_k: usize,
+    /// Sample within the smallest set of tokens holding this probability
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    top_p: f32,
+    /// Penalize tokens seen in the last 64 (1: off; 1.1 is a common choice)
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
+    repetition_penalty: f32,
+    /// Random seed: the same seed and settings give the same text
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this text (repeatable)
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// System message for the chat template
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+}
+
+impl SamplingArgs {
+    fn settings(&self, ignore_eos: bool) -> kith::generate::Settings {
+        kith::generate::Settings {
+            sampling: kith_models::llm::SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            max_tokens: Some(self.max_tokens),
+            stop: self.stop.clone(),
+            ignore_eos,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The prompt; `-` reads it from stdin
+    prompt: String,
+    /// Apply the model's chat template (the prompt is the user's message)
+    #[arg(long)]
+    chat: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Keep generating past end-of-sequence (benchmarks)
+    #[arg(long, hide = true)]
+    ignore_eos: bool,
+    /// Inference threads (tract runs the model on one thread today)
+    #[arg(long, default_value_t = 1, hide = true)]
+    threads: usize,
+    /// Print prompt size, load, prefill and decode figures as JSON on stderr at the end
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +240,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Models(ModelsCommand::List { json }) => list_models(&store, json),
         Command::Listen(args) => listen_cmd(&store, args),
+        Command::Generate(args) => generate_cmd(&store, args),
+        Command::Chat(args) => chat_cmd(&store, args),
     }
 }
 
@@ -278,4 +358,59 @@ fn open_mic(device: Option<&str>) -> Result<(Box<dyn AudioSource>, u32)> {
 #[cfg(not(feature = "mic"))]
 fn open_mic(_device: Option<&str>) -> Result<(Box<dyn AudioSource>, u32)> {
     bail!("this kith was built without microphone support (feature `mic`)")
+}
+
+fn generate_cmd(store: &ModelStore, args: GenerateArgs) -> Result<()> {
+    use std::io::Read;
+    let settings = args.sampling.settings(args.ignore_eos);
+    settings.sampling.validate()?;
+    let prompt = if args.prompt == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading the prompt from stdin")?;
+        String::from_utf8(buf).context("the prompt on stdin is not valid UTF-8")?
+    } else {
+        args.prompt.clone()
+    };
+    let dir = kith::generate::resolve_model(store, &args.sampling.model)?;
+    let (mut lm, load_ms) = kith::generate::load(&dir)?;
+    let ids = kith::generate::prompt_ids(&lm, &prompt, args.sampling.system.as_deref(), args.chat)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let (stats, _) = kith::generate::run(&mut lm, &ids, &settings.options(), load_ms, &mut |piece| {
+        out.write_all(piece.as_bytes())?;
+        out.flush()?;
+        Ok(())
+    })?;
+    writeln!(out)?;
+    if args.stats {
+        eprintln!("{}", serde_json::to_string(&stats)?);
+    }
+    Ok(())
+}
+
+fn chat_cmd(store: &ModelStore, args: ChatArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    let settings = args.sampling.settings(false);
+    settings.sampling.validate()?;
+    let dir = kith::generate::resolve_model(store, &args.sampling.model)?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("loading {} ...", dir.display());
+    }
+    let (mut lm, _) = kith::generate::load(&dir)?;
+    if !lm.tokenizer().has_chat_template() {
+        bail!("model {} has no chat template; use `kith generate` instead", lm.name());
+    }
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    kith::generate::chat_loop(
+        &mut lm,
+        &settings,
+        args.sampling.system.as_deref(),
+        &mut stdin.lock(),
+        &mut stdout.lock(),
+        interactive,
+    )
 }

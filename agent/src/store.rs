@@ -17,6 +17,7 @@ use crate::catalog::{Catalog, ModelEntry, Source};
 
 /// The silero folding script, run with the configured Python at fetch time.
 const FOLD_SILERO_VAD: &str = include_str!("../scripts/fold_silero_vad.py");
+const GGUF_TO_ONNX: &str = include_str!("../scripts/gguf_to_onnx.py");
 
 /// Where models live when nothing else is configured: `$KITH_MODELS_DIR`,
 /// else `$XDG_DATA_HOME/kith/models`, else `~/.local/share/kith/models`,
@@ -99,7 +100,7 @@ impl ModelStore {
 
     /// Checks one model on disk.
     pub fn status(&self, entry: &ModelEntry) -> Result<Status> {
-        let path = self.path(entry);
+        let path = self.dir.join(entry.hashed_file());
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Status::Missing),
@@ -302,58 +303,91 @@ impl ModelStore {
         let (Some(from), Some(transform)) = (&entry.derived_from, &entry.transform) else {
             bail!("model {} is neither packaged nor derived", entry.name);
         };
-        if transform != "fold-silero-vad" {
-            bail!(
+        let (script_text, what, needs) = match transform.as_str() {
+            "fold-silero-vad" => (FOLD_SILERO_VAD, "folding", "numpy, onnx and onnxruntime"),
+            "gguf-to-onnx" => (GGUF_TO_ONNX, "converting", "numpy, onnx and gguf"),
+            _ => bail!(
                 "model {} needs transform {transform:?}, which this kith does not know",
                 entry.name
-            );
-        }
+            ),
+        };
         let src = self.require(from)?;
         let dest = self.path(entry);
+        let part = part_path(&dest);
+        if entry.directory {
+            let _ = fs::remove_dir_all(&part);
+        }
         let script = tempfile::Builder::new()
-            .prefix("kith-fold-")
+            .prefix("kith-transform-")
             .suffix(".py")
             .tempfile()?;
-        fs::write(script.path(), FOLD_SILERO_VAD)?;
+        fs::write(script.path(), script_text)?;
         let python = python(opts);
         progress(&format!(
-            "folding {from} for tract with {} (onnx + onnxruntime) ...",
+            "{what} {from} with {} ({needs}) ...",
             python.display()
         ));
-        let out = Command::new(&python)
+        let target = if entry.directory { &part } else { &dest };
+        let mut child = Command::new(&python)
             .arg(script.path())
             .arg(&src)
-            .arg(&dest)
+            .arg(target)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .with_context(|| format!("running {}", python.display()))?;
-        let _ = fs::remove_file(part_path(&dest));
-        if !out.status.success() {
-            let _ = fs::remove_file(&dest);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let hint = if stderr.contains("ModuleNotFoundError") {
-                " (it needs numpy, onnx and onnxruntime: `pip install -r scripts/requirements.txt`, or set KITH_PYTHON to a Python that has them)"
-            } else {
-                ""
-            };
-            bail!("folding {from} failed{hint}:\n{}", stderr.trim());
+        // The script reports progress on stderr, one line per step: pass it on.
+        let mut stderr_text = String::new();
+        if let Some(err) = child.stderr.take() {
+            use std::io::BufRead;
+            for line in io::BufReader::new(err).lines() {
+                let line = line.unwrap_or_default();
+                progress(&format!("  {}", line.trim_end()));
+                stderr_text.push_str(&line);
+                stderr_text.push('\n');
+            }
         }
-        progress(String::from_utf8_lossy(&out.stdout).trim());
+        let out = child.wait_with_output()?;
+        if !entry.directory {
+            let _ = fs::remove_file(&part);
+        }
+        if !out.status.success() {
+            if entry.directory {
+                let _ = fs::remove_dir_all(&part);
+            } else {
+                let _ = fs::remove_file(&dest);
+            }
+            let hint = if stderr_text.contains("ModuleNotFoundError") || stderr_text.contains("is missing") {
+                format!(" (it needs {needs}: `pip install -r scripts/requirements.txt`, or set KITH_PYTHON to a Python that has them)")
+            } else {
+                String::new()
+            };
+            bail!("{what} {from} failed{hint}:\n{}", stderr_text.trim());
+        }
+        if entry.directory {
+            let _ = fs::remove_dir_all(&dest);
+            fs::rename(&part, &dest)
+                .with_context(|| format!("installing {}", dest.display()))?;
+        }
+        let summary = String::from_utf8_lossy(&out.stdout);
+        if !summary.trim().is_empty() {
+            progress(summary.trim());
+        }
         match self.status(entry)? {
             Status::Ok { bytes } => Ok(bytes),
             Status::Mismatch { bytes, sha256 } => {
-                // The script verified the folded model numerically against the
-                // original; a different hash means a different onnx version
-                // serialised it. Keep it, but say so.
+                // The transform is deterministic for pinned numpy/onnx; a
+                // different hash means another version serialised it. Keep
+                // it (the fold script verified it numerically), but say so.
                 progress(&format!(
-                    "note: {} has sha256 {sha256}, the catalog's reference is {} (different onnx version?); \
-                     it matched the original on onnxruntime",
-                    entry.file_name(),
+                    "note: {} has sha256 {sha256}, the catalog's reference is {} (different onnx or numpy version?)",
+                    entry.hashed_file(),
                     entry.sha256
                 ));
                 Ok(bytes)
             }
-            Status::Missing => bail!("folding {from} produced no file"),
+            Status::Missing => bail!("{what} {from} produced no file"),
         }
     }
 }

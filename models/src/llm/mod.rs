@@ -13,7 +13,6 @@ mod sampler;
 mod text;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
@@ -63,7 +62,6 @@ struct Io {
 pub struct CausalLm {
     name: String,
     path: PathBuf,
-    plan: Arc<TypedSimplePlan>,
     state: TypedSimpleState,
     tokenizer: TextTokenizer,
     io: Io,
@@ -107,6 +105,8 @@ pub struct GenerateOptions {
     pub max_tokens: Option<usize>,
     /// Generation ends before any of these strings; they are not returned.
     pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 fn model_name(dir: &Path) -> String {
@@ -315,7 +315,6 @@ impl CausalLm {
         let mut lm = CausalLm {
             name: model_name(dir),
             path: path.clone(),
-            plan,
             state,
             tokenizer,
             io,
@@ -483,6 +482,7 @@ impl CausalLm {
             logits,
             max_tokens: options.max_tokens,
             stop: options.stop.clone(),
+            ignore_eos: options.ignore_eos,
             generated: 0,
             stream: TextStream::default(),
             held: String::new(),
@@ -532,6 +532,7 @@ pub struct Generation<'a> {
     recent: Vec<u32>,
     max_tokens: Option<usize>,
     stop: Vec<String>,
+    ignore_eos: bool,
     generated: usize,
     stream: TextStream,
     /// Text held back because it may be the start of a stop string.
@@ -594,7 +595,7 @@ impl Generation<'_> {
             return Ok(None);
         }
         let token = self.sampler.sample(&mut self.logits, &self.recent);
-        if self.lm.tokenizer.is_eos(token) {
+        if !self.ignore_eos && self.lm.tokenizer.is_eos(token) {
             self.finished = Some(FinishReason::Stop);
             let tail = self.stream.finish(&self.lm.tokenizer)?;
             let (text, _) = self.release(&tail);
