@@ -21,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let ids = lm.tokenizer().encode(&prompt, false)?;
     let t = Instant::now();
-    let mut generation = lm.generate(&ids, &GenerateOptions { max_tokens: Some(n), ..Default::default() })?;
+    let mut generation = lm.generate(&ids, &GenerateOptions { max_tokens: Some(n), ignore_eos: std::env::var("KITH_IGNORE_EOS").is_ok(), ..Default::default() })?;
     let prefill = t.elapsed();
     let t = Instant::now();
     let mut text = String::new();
