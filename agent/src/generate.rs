@@ -46,10 +46,14 @@ fn language_model_names(store: &ModelStore) -> String {
     names.join(", ")
 }
 
-/// Loads a model, timing it.
-pub fn load(dir: &Path) -> Result<(CausalLm, f64)> {
+/// Loads a model with `threads` for its matrix products, timing it.
+pub fn load(dir: &Path, threads: usize) -> Result<(CausalLm, f64)> {
     let t = Instant::now();
-    let lm = CausalLm::load(dir, &LoadOptions::default())
+    let options = LoadOptions {
+        threads,
+        ..LoadOptions::default()
+    };
+    let lm = CausalLm::load(dir, &options)
         .with_context(|| format!("loading language model {}", dir.display()))?;
     Ok((lm, t.elapsed().as_secs_f64() * 1e3))
 }
@@ -108,6 +112,22 @@ pub fn run(
         peak_rss_mb: peak_rss_mb(),
     };
     Ok((stats, finish))
+}
+
+/// Prints the 25 most expensive operators of a profile on stderr.
+pub fn print_profile(profile: &kith_models::llm::OpProfile) {
+    let total: f64 = profile.values().map(|(_, d)| d.as_secs_f64()).sum();
+    let mut rows: Vec<_> = profile.iter().collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
+    eprintln!("time per operator ({:.0} ms in all):", total * 1e3);
+    for (op, (calls, d)) in rows.iter().take(25) {
+        eprintln!(
+            "{:>9.1} ms {:>5.1}% {:>7} calls  {op}",
+            d.as_secs_f64() * 1e3,
+            100.0 * d.as_secs_f64() / total.max(1e-9),
+            calls
+        );
+    }
 }
 
 /// The process's peak resident memory (VmHWM), in MB.
@@ -202,7 +222,10 @@ pub fn chat_loop(
         let ids = loop {
             let rendered = lm.tokenizer().apply_chat_template(&history, true)?;
             let ids = lm.tokenizer().encode(&rendered, false)?;
-            let room = settings.max_tokens.unwrap_or(256).min(lm.context_length() / 2);
+            let room = settings
+                .max_tokens
+                .unwrap_or(256)
+                .min(lm.context_length() / 2);
             let first = usize::from(system.is_some());
             if ids.len() + room <= lm.context_length() || history.len() <= first + 1 {
                 break ids;

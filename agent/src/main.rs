@@ -68,6 +68,9 @@ struct SamplingArgs {
     /// System message for the chat template
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
+    /// Threads for the model's matrix products
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
 }
 
 impl SamplingArgs {
@@ -99,9 +102,9 @@ struct GenerateArgs {
     /// Keep generating past end-of-sequence (benchmarks)
     #[arg(long, hide = true)]
     ignore_eos: bool,
-    /// Inference threads (tract runs the model on one thread today)
-    #[arg(long, default_value_t = 1, hide = true)]
-    threads: usize,
+    /// Print time per tract operator on stderr at the end
+    #[arg(long, hide = true)]
+    profile: bool,
     /// Print prompt size, load, prefill and decode figures as JSON on stderr at the end
     #[arg(long)]
     stats: bool,
@@ -374,16 +377,21 @@ fn generate_cmd(store: &ModelStore, args: GenerateArgs) -> Result<()> {
         args.prompt.clone()
     };
     let dir = kith::generate::resolve_model(store, &args.sampling.model)?;
-    let (mut lm, load_ms) = kith::generate::load(&dir)?;
+    let (mut lm, load_ms) = kith::generate::load(&dir, args.sampling.threads.into())?;
+    lm.set_profiling(args.profile, true);
     let ids = kith::generate::prompt_ids(&lm, &prompt, args.sampling.system.as_deref(), args.chat)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let (stats, _) = kith::generate::run(&mut lm, &ids, &settings.options(), load_ms, &mut |piece| {
-        out.write_all(piece.as_bytes())?;
-        out.flush()?;
-        Ok(())
-    })?;
+    let (stats, _) =
+        kith::generate::run(&mut lm, &ids, &settings.options(), load_ms, &mut |piece| {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+            Ok(())
+        })?;
     writeln!(out)?;
+    if let Some(profile) = lm.take_profile() {
+        kith::generate::print_profile(&profile);
+    }
     if args.stats {
         eprintln!("{}", serde_json::to_string(&stats)?);
     }
@@ -399,9 +407,12 @@ fn chat_cmd(store: &ModelStore, args: ChatArgs) -> Result<()> {
     if interactive {
         eprintln!("loading {} ...", dir.display());
     }
-    let (mut lm, _) = kith::generate::load(&dir)?;
+    let (mut lm, _) = kith::generate::load(&dir, args.sampling.threads.into())?;
     if !lm.tokenizer().has_chat_template() {
-        bail!("model {} has no chat template; use `kith generate` instead", lm.name());
+        bail!(
+            "model {} has no chat template; use `kith generate` instead",
+            lm.name()
+        );
     }
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();

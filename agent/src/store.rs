@@ -358,8 +358,12 @@ impl ModelStore {
             } else {
                 let _ = fs::remove_file(&dest);
             }
-            let hint = if stderr_text.contains("ModuleNotFoundError") || stderr_text.contains("is missing") {
-                format!(" (it needs {needs}: `pip install -r scripts/requirements.txt`, or set KITH_PYTHON to a Python that has them)")
+            let hint = if stderr_text.contains("ModuleNotFoundError")
+                || stderr_text.contains("is missing")
+            {
+                format!(
+                    " (it needs {needs}: `pip install -r scripts/requirements.txt`, or set KITH_PYTHON to a Python that has them)"
+                )
             } else {
                 String::new()
             };
@@ -367,8 +371,7 @@ impl ModelStore {
         }
         if entry.directory {
             let _ = fs::remove_dir_all(&dest);
-            fs::rename(&part, &dest)
-                .with_context(|| format!("installing {}", dest.display()))?;
+            fs::rename(&part, &dest).with_context(|| format!("installing {}", dest.display()))?;
         }
         let summary = String::from_utf8_lossy(&out.stdout);
         if !summary.trim().is_empty() {

@@ -11,17 +11,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = LoadOptions {
         last_logits_only: std::env::var("KITH_ALL_LOGITS").is_err(),
         transformer_rewrites: std::env::var("KITH_REWRITES").is_ok(),
+        fast_q4: std::env::var("KITH_TRACT_Q4").is_err(),
+        threads: std::env::var("KITH_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1),
     };
     let t = Instant::now();
     let mut lm = CausalLm::load(&dir, &options)?;
-    eprintln!("load {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    eprintln!(
+        "load {:.0} ms ({} layers on kith's q4 kernel)",
+        t.elapsed().as_secs_f64() * 1e3,
+        lm.fast_q4_layers()
+    );
     let prompt = lm.tokenizer().apply_chat_template(
         &[ChatMessage::new("user", "What is the capital of France?")],
         true,
     )?;
     let ids = lm.tokenizer().encode(&prompt, false)?;
+    let profiling = std::env::var("KITH_PROFILE").is_ok();
+    lm.set_profiling(
+        profiling,
+        std::env::var("KITH_PROFILE").is_ok_and(|v| v == "nodes"),
+    );
     let t = Instant::now();
-    let mut generation = lm.generate(&ids, &GenerateOptions { max_tokens: Some(n), ignore_eos: std::env::var("KITH_IGNORE_EOS").is_ok(), ..Default::default() })?;
+    let mut generation = lm.generate(
+        &ids,
+        &GenerateOptions {
+            max_tokens: Some(n),
+            ignore_eos: std::env::var("KITH_IGNORE_EOS").is_ok(),
+            ..Default::default()
+        },
+    )?;
     let prefill = t.elapsed();
     let t = Instant::now();
     let mut text = String::new();
@@ -32,15 +53,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         text.push_str(&p.text);
     }
     let decode = t.elapsed();
+    let generated = generation.generated_tokens();
+    let finish = generation.finish_reason();
+    drop(generation);
+    if let Some(profile) = lm.take_profile() {
+        let total: f64 = profile.values().map(|(_, d)| d.as_secs_f64()).sum();
+        let mut rows: Vec<_> = profile.into_iter().collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
+        for (op, (calls, d)) in rows.iter().take(40) {
+            eprintln!(
+                "{:>7.1} ms {:>5.1}% {:>7} calls  {op}",
+                d.as_secs_f64() * 1e3,
+                100.0 * d.as_secs_f64() / total,
+                calls
+            );
+        }
+    }
     println!("{text}");
     eprintln!(
         "prompt {} tokens, prefill {:.0} ms; {} tokens in {:.0} ms = {:.1} tok/s; {:?}; {:?}",
         ids.len(),
         prefill.as_secs_f64() * 1e3,
-        generation.generated_tokens(),
+        generated,
         decode.as_secs_f64() * 1e3,
-        generation.generated_tokens() as f64 / decode.as_secs_f64(),
-        generation.finish_reason(),
+        generated as f64 / decode.as_secs_f64(),
+        finish,
         tokens
     );
     Ok(())

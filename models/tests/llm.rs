@@ -66,7 +66,11 @@ fn chat_ids(lm: &CausalLm, user: &str) -> Vec<u32> {
     lm.tokenizer().encode(&text, false).unwrap()
 }
 
-fn generate(lm: &mut CausalLm, prompt: &[u32], options: &GenerateOptions) -> (Vec<u32>, String, FinishReason) {
+fn generate(
+    lm: &mut CausalLm,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> (Vec<u32>, String, FinishReason) {
     let mut generation = lm.generate(prompt, options).unwrap();
     let mut tokens = Vec::new();
     let mut text = String::new();
@@ -88,7 +92,11 @@ fn tokenizer_ids_equal_llama_cpp_for_numbers_unicode_and_chat_markup() {
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let got = tok.encode(text, false).unwrap();
-        assert_eq!(got, ids(&case["ids"]), "ids differ from llama.cpp for {text:?}");
+        assert_eq!(
+            got,
+            ids(&case["ids"]),
+            "ids differ from llama.cpp for {text:?}"
+        );
     }
 }
 
@@ -145,7 +153,11 @@ fn the_capital_of_france_is_paris() {
     let prompt = chat_ids(&lm, "What is the capital of France?");
     let (_, text, reason) = generate(&mut lm, &prompt, &greedy(24));
     assert!(text.contains("Paris"), "answer: {text:?}");
-    assert_eq!(reason, FinishReason::Stop, "the model should end its turn: {text:?}");
+    assert_eq!(
+        reason,
+        FinishReason::Stop,
+        "the model should end its turn: {text:?}"
+    );
 }
 
 #[test]
@@ -205,7 +217,11 @@ fn a_second_turn_reuses_the_cache_and_matches_a_fresh_run() {
     // The next prompt extends the first (as a chat's next turn does).
     let mut second = first.clone();
     second.extend_from_slice(&tokens);
-    second.extend(lm.tokenizer().encode("\nAnd three animals?", false).unwrap());
+    second.extend(
+        lm.tokenizer()
+            .encode("\nAnd three animals?", false)
+            .unwrap(),
+    );
     let mut generation = lm.generate(&second, &greedy(12)).unwrap();
     assert!(generation.reused_prompt_tokens() >= first.len());
     let reused: Vec<u32> = generation.by_ref().map(|p| p.unwrap().token).collect();
@@ -224,7 +240,10 @@ fn text_stream_never_splits_a_character() {
     let mut out = String::new();
     for id in ids {
         let piece = stream.push(&tok, id).unwrap();
-        assert!(!piece.contains('\u{FFFD}'), "piece {piece:?} splits a character");
+        assert!(
+            !piece.contains('\u{FFFD}'),
+            "piece {piece:?} splits a character"
+        );
         out.push_str(&piece);
     }
     out.push_str(&stream.finish(&tok).unwrap());
@@ -271,4 +290,27 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[test]
+fn kith_q4_kernel_and_tract_matmulnbits_give_the_same_tokens() {
+    let options = LoadOptions {
+        fast_q4: false,
+        ..LoadOptions::default()
+    };
+    let mut plain = CausalLm::load(&model_dir(), &options).unwrap();
+    assert_eq!(plain.fast_q4_layers(), 0);
+    let mut fast = lm();
+    if kith_models::llm::q4::Kernel::simd_available() {
+        // 30 layers x (qkv, o, gate/up, down) + the LM head.
+        assert_eq!(fast.fast_q4_layers(), 121);
+    }
+    let prompt = chat_ids(&fast, "List three uses of a paperclip.");
+    let options = GenerateOptions {
+        ignore_eos: true,
+        ..greedy(24)
+    };
+    let (a, _, _) = generate(&mut fast, &prompt, &options);
+    let (b, _, _) = generate(&mut plain, &prompt, &options);
+    assert_eq!(a, b);
 }

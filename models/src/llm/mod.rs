@@ -9,6 +9,7 @@
 //! to 1. The KV cache is the model's own `present` outputs, fed back as the
 //! next step's `past` inputs without a copy.
 
+pub mod q4;
 mod sampler;
 mod text;
 
@@ -31,6 +32,11 @@ pub struct LoadOptions {
     /// Apply tract-transformers' graph rewrites (RMS norm, RoPE, SDPA
     /// detection) before optimizing.
     pub transformer_rewrites: bool,
+    /// Threads for matrix products (1: run on the caller's thread only).
+    pub threads: usize,
+    /// Run 4-bit MatMulNBits layers with kith's SIMD kernel (see `q4`) where
+    /// the CPU has one; otherwise tract's own.
+    pub fast_q4: bool,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +44,8 @@ impl Default for LoadOptions {
         LoadOptions {
             last_logits_only: true,
             transformer_rewrites: false,
+            threads: 1,
+            fast_q4: true,
         }
     }
 }
@@ -62,6 +70,8 @@ struct Io {
 pub struct CausalLm {
     name: String,
     path: PathBuf,
+    /// The plan, kept to start a fresh state when the cache lives inside it.
+    plan: std::sync::Arc<TypedSimplePlan>,
     state: TypedSimpleState,
     tokenizer: TextTokenizer,
     io: Io,
@@ -74,7 +84,33 @@ pub struct CausalLm {
     vocab: usize,
     /// Whether the graph was rewritten to compute only the last position's logits.
     last_logits_only: bool,
+    /// Per-operator (calls, time) when profiling is on; `None` otherwise.
+    profile: Option<OpProfile>,
+    /// Profile per node (layer numbers folded) rather than per operator type.
+    profile_detailed: bool,
+    /// MatMulNBits layers running on kith's 4-bit kernel.
+    fused_q4: usize,
 }
+
+/// `/model/layers.12/mlp/down_proj/...` -> `/model/layers.*/mlp/down_proj/...`
+fn generic_node_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '.' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('*');
+        }
+    }
+    out
+}
+
+/// Time spent per tract operator type: (calls, total time). The one place
+/// this crate reads a clock, and only when asked to (`kith generate --profile`).
+pub type OpProfile = std::collections::BTreeMap<String, (u64, std::time::Duration)>;
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +166,9 @@ fn keep_last_logits(proto: &mut pb::ModelProto) -> bool {
         return false;
     };
     let producer = &graph.node[ix];
-    if !matches!(producer.op_type.as_str(), "MatMul" | "MatMulNBits") || producer.input.is_empty() {
+    if !matches!(producer.op_type.as_str(), "MatMul" | "MatMulNBits" | "Gemm")
+        || producer.input.is_empty()
+    {
         return false;
     }
     let hidden = producer.input[0].clone();
@@ -179,11 +217,16 @@ impl CausalLm {
         let tokenizer = TextTokenizer::load(dir)?;
         let context = read_context_length(dir)?;
 
-        let onnx = tract_onnx::onnx()
+        let mut onnx = tract_onnx::onnx()
             .with_ignore_output_shapes(true)
             .with_ignore_value_info(true);
         let mut proto = onnx.proto_model_for_path(&path).map_err(fail)?;
         let last_only = options.last_logits_only && keep_last_logits(&mut proto);
+        let mut fused = 0;
+        if options.fast_q4 && q4::Kernel::simd_available() {
+            q4::register(&mut onnx);
+            fused = q4::fuse_q4_linears(&mut proto).0;
+        }
         let parsed = onnx
             .parse(&proto, dir.to_str())
             .map_err(|e| fail(e.context("parsing the ONNX graph")))?;
@@ -303,6 +346,9 @@ impl CausalLm {
         let optimized = typed
             .into_optimized()
             .map_err(|e| fail(e.context("optimizing")))?;
+        // Rewrites may move the KV cache inside the model (tract's own cache
+        // ops): find every input and output again by name.
+        let io = remap(&io, &optimized, &input_names, &output_names).map_err(shape_err)?;
         let vocab_dim = optimized
             .outlet_fact(optimized.outputs[io.logits])
             .map_err(fail)?
@@ -310,11 +356,19 @@ impl CausalLm {
             .last()
             .and_then(|d| d.to_i64().ok())
             .unwrap_or(tokenizer.vocab_size() as i64) as usize;
-        let plan = optimized.into_runnable().map_err(fail)?;
+        let run_options = tract_onnx::tract_core::runtime::RunOptions {
+            executor: (options.threads > 1)
+                .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
+            ..Default::default()
+        };
+        let plan = optimized
+            .into_runnable_with_options(&run_options)
+            .map_err(fail)?;
         let state = plan.spawn().map_err(fail)?;
         let mut lm = CausalLm {
             name: model_name(dir),
             path: path.clone(),
+            plan,
             state,
             tokenizer,
             io,
@@ -323,9 +377,13 @@ impl CausalLm {
             cached: Vec::new(),
             vocab: vocab_dim,
             last_logits_only: false,
+            profile: None,
+            profile_detailed: false,
+            fused_q4: 0,
         };
         lm.reset_cache()?;
         lm.last_logits_only = last_only;
+        lm.fused_q4 = fused;
         Ok(lm)
     }
 
@@ -346,6 +404,23 @@ impl CausalLm {
         self.vocab
     }
 
+    /// Starts (or with `false` stops) timing every operator of every run.
+    /// `detailed` keys the profile by node (layers folded together).
+    pub fn set_profiling(&mut self, on: bool, detailed: bool) {
+        self.profile = on.then(OpProfile::new);
+        self.profile_detailed = detailed;
+    }
+
+    /// Takes the profile gathered since the last call (profiling stays on).
+    pub fn take_profile(&mut self) -> Option<OpProfile> {
+        self.profile.as_mut().map(std::mem::take)
+    }
+
+    /// How many 4-bit layers run on kith's SIMD kernel (0: all on tract's).
+    pub fn fast_q4_layers(&self) -> usize {
+        self.fused_q4
+    }
+
     /// Whether prefill computes logits for the last position only.
     pub fn last_logits_only(&self) -> bool {
         self.last_logits_only
@@ -353,6 +428,9 @@ impl CausalLm {
 
     /// Forgets every cached token.
     pub fn reset_cache(&mut self) -> Result<(), ModelError> {
+        if self.io.past.is_empty() {
+            self.state = self.plan.spawn().map_err(|e| self.run_error(e))?;
+        }
         self.cache = self
             .io
             .cache_shape
@@ -376,7 +454,8 @@ impl CausalLm {
         if n >= self.cached.len() {
             return Ok(());
         }
-        if n == 0 {
+        if n == 0 || self.io.past.is_empty() {
+            // A cache held inside the model cannot be cut: start over.
             return self.reset_cache();
         }
         for t in self.cache.iter_mut() {
@@ -425,7 +504,26 @@ impl CausalLm {
         for (slot, &ix) in self.io.past.iter().enumerate() {
             inputs[ix] = self.cache[slot].clone();
         }
-        let mut outputs = self.state.run(inputs).map_err(|e| self.run_error(e))?;
+        let detailed = self.profile_detailed;
+        let mut outputs = match self.profile.as_mut() {
+            None => self.state.run(inputs),
+            Some(profile) => self
+                .state
+                .run_plan_with_eval(inputs, |ctx, state, node, input| {
+                    let t = std::time::Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, state, node, input);
+                    let key = if detailed {
+                        format!("{} {}", node.op().name(), generic_node_name(&node.name))
+                    } else {
+                        node.op().name().to_string()
+                    };
+                    let entry = profile.entry(key).or_default();
+                    entry.0 += 1;
+                    entry.1 += t.elapsed();
+                    out
+                }),
+        }
+        .map_err(|e| self.run_error(e))?;
         for (slot, &ix) in self.io.present.iter().enumerate() {
             self.cache[slot] = outputs[ix].clone();
         }
@@ -440,7 +538,11 @@ impl CausalLm {
         if all.len() < self.vocab || all.len() % self.vocab != 0 {
             return Err(ModelError::Shape {
                 model: self.name.clone(),
-                reason: format!("logits hold {} values for a vocabulary of {}", all.len(), self.vocab),
+                reason: format!(
+                    "logits hold {} values for a vocabulary of {}",
+                    all.len(),
+                    self.vocab
+                ),
             });
         }
         Ok(all[all.len() - self.vocab..].to_vec())
@@ -492,6 +594,54 @@ impl CausalLm {
     }
 }
 
+/// Re-finds `io`'s tensors by name in a transformed model; cache tensors the
+/// model no longer takes as inputs are managed by tract inside the model.
+fn remap(
+    io: &Io,
+    model: &TypedModel,
+    input_names: &[String],
+    output_names: &[String],
+) -> Result<Io, String> {
+    let inputs: Vec<&str> = model
+        .inputs
+        .iter()
+        .map(|o| model.node(o.node).name.as_str())
+        .collect();
+    let outputs: Vec<String> = model
+        .outputs
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| model.node(o.node).name.clone())
+        })
+        .collect();
+    let find_in = |old: usize| inputs.iter().position(|n| *n == input_names[old]);
+    let find_out = |old: usize| outputs.iter().position(|n| *n == output_names[old]);
+    let mut new = Io {
+        ids: find_in(io.ids).ok_or("input_ids disappeared")?,
+        mask: io.mask.and_then(find_in),
+        positions: io.positions.and_then(find_in),
+        past: Vec::new(),
+        logits: find_out(io.logits).ok_or("logits disappeared")?,
+        present: Vec::new(),
+        cache_shape: Vec::new(),
+        n_inputs: inputs.len(),
+    };
+    for (slot, &ix) in io.past.iter().enumerate() {
+        if let (Some(i), Some(o)) = (find_in(ix), find_out(io.present[slot])) {
+            new.past.push(i);
+            new.present.push(o);
+            new.cache_shape.push(io.cache_shape[slot]);
+        }
+    }
+    if !new.past.is_empty() && new.past.len() != io.past.len() {
+        return Err("rewrites moved only part of the KV cache into the model".into());
+    }
+    Ok(new)
+}
+
 fn read_context_length(dir: &Path) -> Result<usize, ModelError> {
     let path = dir.join("config.json");
     let text = match std::fs::read_to_string(&path) {
@@ -508,10 +658,14 @@ fn read_context_length(dir: &Path) -> Result<usize, ModelError> {
         path: path.clone(),
         reason: format!("invalid JSON: {e}"),
     })?;
-    Ok(["max_position_embeddings", "n_positions", "max_sequence_length"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(serde_json::Value::as_u64))
-        .unwrap_or(2048) as usize)
+    Ok([
+        "max_position_embeddings",
+        "n_positions",
+        "max_sequence_length",
+    ]
+    .iter()
+    .find_map(|k| v.get(*k).and_then(serde_json::Value::as_u64))
+    .unwrap_or(2048) as usize)
 }
 
 /// One step of a generation: the token and the text it completes (empty
@@ -564,7 +718,12 @@ impl Generation<'_> {
         if self.stop.is_empty() {
             return (std::mem::take(&mut self.held), false);
         }
-        if let Some(at) = self.stop.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let out = self.held[..at].to_string();
             self.held.clear();
             return (out, true);
