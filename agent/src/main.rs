@@ -63,8 +63,8 @@ struct SamplingArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop before this text (repeatable)
-    #[arg(long, value_name = "TEXT")]
-    stop: Vec<String>,
+    #[arg(long, value_name = "TEXT", value_parser = clap::builder::OsStringValueParser::new())]
+    stop: Vec<std::ffi::OsString>,
     /// System message for the chat template
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
@@ -74,8 +74,17 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn settings(&self, ignore_eos: bool) -> kith::generate::Settings {
-        kith::generate::Settings {
+    fn settings(&self, ignore_eos: bool) -> Result<kith::generate::Settings> {
+        let stop = self
+            .stop
+            .iter()
+            .map(|s| {
+                s.to_str().map(str::to_string).with_context(|| {
+                    format!("--stop {s:?} is not valid UTF-8: stop strings are matched against the generated text")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(kith::generate::Settings {
             sampling: kith_models::llm::SamplingParams {
                 temperature: self.temperature,
                 top_k: self.top_k,
@@ -84,9 +93,9 @@ impl SamplingArgs {
                 seed: self.seed,
             },
             max_tokens: Some(self.max_tokens),
-            stop: self.stop.clone(),
+            stop,
             ignore_eos,
-        }
+        })
     }
 }
 
@@ -365,7 +374,7 @@ fn open_mic(_device: Option<&str>) -> Result<(Box<dyn AudioSource>, u32)> {
 
 fn generate_cmd(store: &ModelStore, args: GenerateArgs) -> Result<()> {
     use std::io::Read;
-    let settings = args.sampling.settings(args.ignore_eos);
+    let settings = args.sampling.settings(args.ignore_eos)?;
     settings.sampling.validate()?;
     let prompt = if args.prompt == "-" {
         let mut buf = Vec::new();
@@ -400,7 +409,7 @@ fn generate_cmd(store: &ModelStore, args: GenerateArgs) -> Result<()> {
 
 fn chat_cmd(store: &ModelStore, args: ChatArgs) -> Result<()> {
     use std::io::IsTerminal;
-    let settings = args.sampling.settings(false);
+    let settings = args.sampling.settings(false)?;
     settings.sampling.validate()?;
     let dir = kith::generate::resolve_model(store, &args.sampling.model)?;
     let interactive = std::io::stdin().is_terminal();

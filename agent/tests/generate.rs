@@ -132,8 +132,11 @@ fn a_stop_string_that_is_not_utf8_is_refused() {
     ]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("invalid UTF-8"), "{err}");
-    assert!(err.contains("--stop"), "{err}");
+
+    assert!(
+        err.contains("--stop") && err.contains("not valid UTF-8"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -293,13 +293,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 #[test]
-fn kith_q4_kernel_and_tract_matmulnbits_give_the_same_tokens() {
+fn kith_4_bit_kernel_and_tract_matmulnbits_give_the_same_tokens() {
     let options = LoadOptions {
         fast_q4: false,
         ..LoadOptions::default()
     };
     let mut plain = CausalLm::load(&model_dir(), &options).unwrap();
-    assert_eq!(plain.fast_q4_layers(), 0);
+    // Only the 8-bit LM head, which tract does not take, runs on kith's kernel.
+    assert_eq!(plain.fast_q4_layers(), 1);
     let mut fast = lm();
     if kith_models::llm::q4::Kernel::simd_available() {
         // 30 layers x (qkv, o, gate/up, down) + the LM head.

@@ -222,11 +222,11 @@ impl CausalLm {
             .with_ignore_value_info(true);
         let mut proto = onnx.proto_model_for_path(&path).map_err(fail)?;
         let last_only = options.last_logits_only && keep_last_logits(&mut proto);
-        let mut fused = 0;
-        if options.fast_q4 && q4::Kernel::simd_available() {
-            q4::register(&mut onnx);
-            fused = q4::fuse_q4_linears(&mut proto).0;
-        }
+        // kith's kernel runs 4-bit layers where it has SIMD for them, and
+        // 8-bit ones (which tract does not take) everywhere.
+        q4::register(&mut onnx);
+        let only_8bit = !(options.fast_q4 && q4::Kernel::simd_available());
+        let fused = q4::fuse_q4_linears(&mut proto, only_8bit).0;
         let parsed = onnx
             .parse(&proto, dir.to_str())
             .map_err(|e| fail(e.context("parsing the ONNX graph")))?;
@@ -416,7 +416,7 @@ impl CausalLm {
         self.profile.as_mut().map(std::mem::take)
     }
 
-    /// How many 4-bit layers run on kith's SIMD kernel (0: all on tract's).
+    /// How many quantized layers run on kith's kernel (the others on tract's).
     pub fn fast_q4_layers(&self) -> usize {
         self.fused_q4
     }

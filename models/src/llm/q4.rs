@@ -30,15 +30,22 @@ pub const BLOCK: usize = 32;
 /// one stream per row: each block is 20 bytes, `d` (f16), `c` (f16), then
 /// 16 bytes of codes where byte `j` holds weight `j` (low nibble) and
 /// `j + 16` (high) -- llama.cpp's Q4_1 layout, 0.625 bytes per weight.
+///
+/// 8-bit weights (`bits == 8`, llama.cpp's Q8_0) use 36-byte blocks: `d`,
+/// `c` (0), then 32 signed codes.
 #[derive(Debug)]
 pub struct PackedQ4 {
     pub n: usize,
     pub k: usize,
+    /// 4 or 8.
+    pub bits: u8,
     blocks: Vec<u8>,
 }
 
-/// Bytes per packed block.
+/// Bytes per packed 4-bit block.
 const BLOCK_BYTES: usize = 20;
+/// Bytes per packed 8-bit block.
+const BLOCK_BYTES_Q8: usize = 36;
 
 /// Which SIMD kernel this CPU runs, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +138,52 @@ impl PackedQ4 {
                 }
             }
         }
-        Ok(PackedQ4 { n, k, blocks })
+        Ok(PackedQ4 {
+            n,
+            k,
+            bits: 4,
+            blocks,
+        })
+    }
+
+    /// From an 8-bit MatMulNBits: `b` `[n, k/32, 32]` unsigned codes with
+    /// zero point 128, `scales` `[n * k/32]`.
+    pub fn from_matmul_nbits_q8(
+        b: &[u8],
+        scales: &[f32],
+        n: usize,
+        k: usize,
+    ) -> TractResult<PackedQ4> {
+        ensure!(
+            k.is_multiple_of(BLOCK),
+            "K = {k} is not a multiple of {BLOCK}"
+        );
+        let nb = k / BLOCK;
+        ensure!(
+            b.len() == n * nb * BLOCK,
+            "weight has {} bytes, expected {}",
+            b.len(),
+            n * nb * BLOCK
+        );
+        ensure!(
+            scales.len() == n * nb,
+            "{} scales, expected {}",
+            scales.len(),
+            n * nb
+        );
+        let mut blocks = vec![0u8; n * nb * BLOCK_BYTES_Q8];
+        for (ix, dst) in blocks.chunks_exact_mut(BLOCK_BYTES_Q8).enumerate() {
+            dst[0..2].copy_from_slice(&f16::from_f32(scales[ix]).to_bits().to_le_bytes());
+            for (d, q) in dst[4..].iter_mut().zip(&b[ix * BLOCK..][..BLOCK]) {
+                *d = (i16::from(*q) - 128) as i8 as u8;
+            }
+        }
+        Ok(PackedQ4 {
+            n,
+            k,
+            bits: 8,
+            blocks,
+        })
     }
 
     /// `y[m][n] = sum_k x[m][k] * w[n][k]` for `m` rows of `x`, on this thread.
@@ -169,6 +221,20 @@ impl PackedQ4 {
                 r0: r,
                 cols: cols.clone(),
             };
+            if self.bits == 8 {
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Kernel::detect` chose this kernel only if the CPU has AVX-512F and F16C.
+                    Kernel::Avx512 => unsafe { x86::rows_avx512_q8(&job) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Kernel::detect` chose this kernel only if the CPU has AVX2, FMA and F16C.
+                    Kernel::Avx2 => unsafe { x86::rows_avx2_q8(&job) },
+                    // SAFETY: forwarded from the caller.
+                    Kernel::Scalar => unsafe { rows_scalar_q8(&job) },
+                }
+                r += 1;
+                continue;
+            }
             match kernel {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Kernel::detect` chose this kernel only if the CPU has AVX-512F and F16C.
@@ -279,11 +345,126 @@ unsafe fn rows_scalar(job: &Rows, rows: usize) {
     }
 }
 
+/// Plain Rust 8-bit kernel, one row of x.
+///
+/// # Safety
+/// As `PackedQ4::matmul_rows`.
+unsafe fn rows_scalar_q8(job: &Rows) {
+    let (n, k) = (job.w.n, job.w.k);
+    let nb = k / BLOCK;
+    let r = job.r0;
+    let xr = &job.x[r * k..(r + 1) * k];
+    for row in job.cols.clone() {
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let blk = &job.w.blocks[(row * nb + b) * BLOCK_BYTES_Q8..][..BLOCK_BYTES_Q8];
+            let xb = &xr[b * BLOCK..][..BLOCK];
+            let s: f32 = blk[4..]
+                .iter()
+                .zip(xb)
+                .map(|(q, x)| f32::from(*q as i8) * x)
+                .sum();
+            acc += f16_at(blk, 0) * s;
+        }
+        // SAFETY: r < m and row < n, so the index is inside y (caller's contract).
+        unsafe { *job.y.0.add(r * n + row) = acc };
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, BLOCK_BYTES, Rows};
+    use super::{BLOCK, BLOCK_BYTES, BLOCK_BYTES_Q8, Rows};
+
+    /// AVX-512, 8-bit weights, one row of x.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and F16C; `job` follows `PackedQ4::matmul_rows`.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn rows_avx512_q8(job: &Rows) {
+        let (n, k) = (job.w.n, job.w.k);
+        let nb = k / BLOCK;
+        assert!(job.x.len() >= (job.r0 + 1) * k);
+        assert!(job.w.blocks.len() == n * nb * BLOCK_BYTES_Q8 && job.cols.end <= n);
+        let xp = job.x.as_ptr().wrapping_add(job.r0 * k);
+        for row in job.cols.clone() {
+            let mut lo_acc = _mm512_setzero_ps();
+            let mut hi_acc = _mm512_setzero_ps();
+            let bp = job
+                .w
+                .blocks
+                .as_ptr()
+                .wrapping_add(row * nb * BLOCK_BYTES_Q8);
+            for b in 0..nb {
+                // SAFETY: the asserts bound every offset: b < nb, row < n.
+                unsafe {
+                    let p = bp.add(b * BLOCK_BYTES_Q8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                    let dc = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+                    let db = _mm512_broadcastss_ps(dc);
+                    let lo = _mm_loadu_si128(p.add(4) as *const __m128i);
+                    let hi = _mm_loadu_si128(p.add(20) as *const __m128i);
+                    let w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), db);
+                    let w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), db);
+                    let xb = xp.add(b * BLOCK);
+                    lo_acc = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xb), lo_acc);
+                    hi_acc = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xb.add(16)), hi_acc);
+                }
+            }
+            let dot = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc, hi_acc));
+            // SAFETY: r0 < m and row < n (caller's contract).
+            unsafe { *job.y.0.add(job.r0 * n + row) = dot };
+        }
+    }
+
+    /// AVX2 + FMA, 8-bit weights, one row of x.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `job` follows `PackedQ4::matmul_rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows_avx2_q8(job: &Rows) {
+        let (n, k) = (job.w.n, job.w.k);
+        let nb = k / BLOCK;
+        assert!(job.x.len() >= (job.r0 + 1) * k);
+        assert!(job.w.blocks.len() == n * nb * BLOCK_BYTES_Q8 && job.cols.end <= n);
+        let xp = job.x.as_ptr().wrapping_add(job.r0 * k);
+        for row in job.cols.clone() {
+            let mut acc_a = _mm256_setzero_ps();
+            let mut acc_b = _mm256_setzero_ps();
+            let bp = job
+                .w
+                .blocks
+                .as_ptr()
+                .wrapping_add(row * nb * BLOCK_BYTES_Q8);
+            for b in 0..nb {
+                // SAFETY: as in rows_avx512_q8.
+                unsafe {
+                    let p = bp.add(b * BLOCK_BYTES_Q8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                    let dc = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+                    let db = _mm256_broadcastss_ps(dc);
+                    let xb = xp.add(b * BLOCK);
+                    for part in 0..4 {
+                        let q = _mm_loadl_epi64(p.add(4 + 8 * part) as *const __m128i);
+                        let w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), db);
+                        let x = _mm256_loadu_ps(xb.add(8 * part));
+                        if part % 2 == 0 {
+                            acc_a = _mm256_fmadd_ps(w, x, acc_a);
+                        } else {
+                            acc_b = _mm256_fmadd_ps(w, x, acc_b);
+                        }
+                    }
+                }
+            }
+            let v = _mm256_add_ps(acc_a, acc_b);
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            // SAFETY: r0 < m and row < n (caller's contract).
+            unsafe { *job.y.0.add(job.r0 * n + row) = _mm_cvtss_f32(s) };
+        }
+    }
 
     /// How far ahead (bytes) the kernels prefetch weights.
     const PREFETCH: usize = 640;
@@ -464,6 +645,7 @@ impl TypedOp for Q4Linear {
 struct Q4LinearExpansion {
     k: usize,
     n: usize,
+    bits: usize,
     has_offsets: bool,
 }
 
@@ -515,13 +697,22 @@ impl Expansion for Q4LinearExpansion {
         let b_plain = b.try_as_plain_ram()?;
         let s_plain = scales.try_as_plain_ram()?;
         let o_plain = offsets.as_ref().map(|o| o.try_as_plain_ram()).transpose()?;
-        let packed = PackedQ4::from_matmul_nbits(
-            b_plain.as_slice::<u8>()?,
-            s_plain.as_slice::<f32>()?,
-            o_plain.as_ref().map(|o| o.as_slice::<f32>()).transpose()?,
-            self.n,
-            self.k,
-        )?;
+        let packed = if self.bits == 8 {
+            PackedQ4::from_matmul_nbits_q8(
+                b_plain.as_slice::<u8>()?,
+                s_plain.as_slice::<f32>()?,
+                self.n,
+                self.k,
+            )?
+        } else {
+            PackedQ4::from_matmul_nbits(
+                b_plain.as_slice::<u8>()?,
+                s_plain.as_slice::<f32>()?,
+                o_plain.as_ref().map(|o| o.as_slice::<f32>()).transpose()?,
+                self.n,
+                self.k,
+            )?
+        };
         let op = Q4Linear {
             weights: Arc::new(packed),
             kernel: Kernel::detect(),
@@ -543,6 +734,7 @@ fn q4_linear_builder(
         expand(Q4LinearExpansion {
             k,
             n,
+            bits: node.get_attr_opt("bits")?.unwrap_or(4),
             has_offsets: node.input.len() > 3,
         }),
         vec![],
@@ -562,7 +754,7 @@ fn attr_int(node: &pb::NodeProto, name: &str) -> Option<i64> {
 /// into a `KithQ4Linear` node, absorbing the Q4_1 offset pattern
 /// `Add(y, MatMul(ReduceSum(Reshape(x)), offsets))` where present. Returns
 /// how many nodes were rewritten and how many offsets were absorbed.
-pub fn fuse_q4_linears(proto: &mut pb::ModelProto) -> (usize, usize) {
+pub fn fuse_q4_linears(proto: &mut pb::ModelProto, only_8bit: bool) -> (usize, usize) {
     let Some(graph) = proto.graph.as_mut() else {
         return (0, 0);
     };
@@ -589,7 +781,8 @@ pub fn fuse_q4_linears(proto: &mut pb::ModelProto) -> (usize, usize) {
         if node.op_type != "MatMulNBits" {
             continue;
         }
-        let usable = attr_int(node, "bits").unwrap_or(4) == 4
+        let bits = attr_int(node, "bits").unwrap_or(4);
+        let usable = (bits == 8 || (bits == 4 && !only_8bit))
             && attr_int(node, "block_size") == Some(BLOCK as i64)
             && attr_int(node, "K").is_some_and(|k| k % BLOCK as i64 == 0)
             && node.input.len() == 3
@@ -604,7 +797,8 @@ pub fn fuse_q4_linears(proto: &mut pb::ModelProto) -> (usize, usize) {
         new.op_type = OP_TYPE.into();
         new.domain = "ai.kith".into();
         // Absorb `Add(y, MatMul(ReduceSum(Reshape(x)), offsets))`.
-        if consumers(graph, &y) == 1
+        if bits == 4
+            && consumers(graph, &y) == 1
             && let Some(add_ix) = graph
                 .node
                 .iter()
@@ -708,8 +902,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_kernel_equals_the_dense_product_for_one_and_many_rows() {
+    fn kernels() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -724,7 +917,46 @@ mod tests {
                 kernels.push(Kernel::Avx2);
             }
         }
-        for kernel in kernels {
+        kernels
+    }
+
+    #[test]
+    fn every_8_bit_kernel_equals_the_dense_product() {
+        let (n, k, m) = (21, 64, 3);
+        let nb = k / BLOCK;
+        let b: Vec<u8> = (0..n * k).map(|i| ((i * 7919 + 13) % 256) as u8).collect();
+        let scales: Vec<f32> = (0..n * nb)
+            .map(|i| f16::from_f32(0.001 + i as f32 * 1e-4).to_f32())
+            .collect();
+        let packed = PackedQ4::from_matmul_nbits_q8(&b, &scales, n, k).unwrap();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        for kernel in kernels() {
+            let mut y = vec![0f32; m * n];
+            packed.matmul(kernel, &x, &mut y);
+            for r in 0..m {
+                for row in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|kk| {
+                            let w = (f64::from(b[row * k + kk]) - 128.0)
+                                * f64::from(scales[row * nb + kk / BLOCK]);
+                            w * f64::from(x[r * k + kk])
+                        })
+                        .sum();
+                    let got = f64::from(y[r * n + row]);
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{kernel:?} [{r},{row}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_equals_the_dense_product_for_one_and_many_rows() {
+        for kernel in kernels() {
             for m in [1, 3, 4, 9] {
                 check(kernel, m, false);
                 check(kernel, m, true);
