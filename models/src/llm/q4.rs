@@ -186,8 +186,74 @@ impl PackedQ4 {
         })
     }
 
+    /// Rows of x from which a product decodes weights once into f32 panels
+    /// and runs a GEMM on them, instead of decoding them for every 4 rows.
+    pub const GEMM_ROWS: usize = 8;
+
+    /// Weight rows `rows` as f32, row-major, into `out` (`rows.len() * k`).
+    fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let k = self.k;
+        let nb = k / BLOCK;
+        for (i, row) in rows.enumerate() {
+            let dst = &mut out[i * k..(i + 1) * k];
+            for b in 0..nb {
+                let d = &mut dst[b * BLOCK..][..BLOCK];
+                if self.bits == 8 {
+                    let blk = &self.blocks[(row * nb + b) * BLOCK_BYTES_Q8..][..BLOCK_BYTES_Q8];
+                    let scale = f16_at(blk, 0);
+                    for (w, q) in d.iter_mut().zip(&blk[4..]) {
+                        *w = scale * f32::from(*q as i8);
+                    }
+                } else {
+                    let blk = &self.blocks[(row * nb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                    let (scale, c) = (f16_at(blk, 0), f16_at(blk, 2));
+                    for j in 0..16 {
+                        d[j] = scale * f32::from(blk[4 + j] & 0x0F) + c;
+                        d[j + 16] = scale * f32::from(blk[4 + j] >> 4) + c;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prefill: 64 weight rows at a time decoded to f32, then one GEMM.
+    fn matmul_gemm(&self, x: &[f32], y: &mut [f32]) {
+        const PANEL: usize = 64;
+        let (n, k) = (self.n, self.k);
+        let m = x.len() / k;
+        let mut panel = vec![0f32; PANEL * k];
+        for n0 in (0..n).step_by(PANEL) {
+            let cols = (n - n0).min(PANEL);
+            self.dequantize_rows(n0..n0 + cols, &mut panel[..cols * k]);
+            // SAFETY: x is m x k (row stride k), the panel is cols x k read as
+            // its k x cols transpose (row stride 1, column stride k), and y's
+            // columns n0..n0 + cols of m rows (row stride n) lie inside y.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    cols,
+                    1.0,
+                    x.as_ptr(),
+                    k as isize,
+                    1,
+                    panel.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    y.as_mut_ptr().add(n0),
+                    n as isize,
+                    1,
+                );
+            }
+        }
+    }
+
     /// `y[m][n] = sum_k x[m][k] * w[n][k]` for `m` rows of `x`, on this thread.
     pub fn matmul(&self, kernel: Kernel, x: &[f32], y: &mut [f32]) {
+        if x.len() / self.k >= Self::GEMM_ROWS && y.len() == x.len() / self.k * self.n {
+            return self.matmul_gemm(x, y);
+        }
         let sums = block_sums(x);
         // SAFETY: y holds m * n values and only this call writes them.
         unsafe { self.matmul_rows(kernel, x, &sums, OutPtr(y.as_mut_ptr()), y.len(), 0..self.n) }
@@ -269,7 +335,9 @@ impl PackedQ4 {
             Executor::MultiThread(pool) => Some(pool),
             _ => None,
         };
-        let Some(pool) = threads.filter(|p| p.current_num_threads() > 1 && self.n >= 256) else {
+        let Some(pool) = threads.filter(|p| {
+            p.current_num_threads() > 1 && self.n >= 256 && x.len() / self.k < Self::GEMM_ROWS
+        }) else {
             return self.matmul(kernel, x, y);
         };
         let sums = block_sums(x);
@@ -957,7 +1025,7 @@ mod tests {
     #[test]
     fn every_kernel_equals_the_dense_product_for_one_and_many_rows() {
         for kernel in kernels() {
-            for m in [1, 3, 4, 9] {
+            for m in [1, 3, 4, 9, 16] {
                 check(kernel, m, false);
                 check(kernel, m, true);
             }
