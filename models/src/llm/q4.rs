@@ -225,25 +225,26 @@ impl PackedQ4 {
         for n0 in (0..n).step_by(PANEL) {
             let cols = (n - n0).min(PANEL);
             self.dequantize_rows(n0..n0 + cols, &mut panel[..cols * k]);
-            // SAFETY: x is m x k (row stride k), the panel is cols x k read as
-            // its k x cols transpose (row stride 1, column stride k), and y's
-            // columns n0..n0 + cols of m rows (row stride n) lie inside y.
+            // Computed as y^T = W x^T. SAFETY: the panel is cols x k (row
+            // stride k), x is m x k read as its k x m transpose (row stride
+            // 1, column stride k), and y^T's rows n0..n0 + cols are y's
+            // columns (row stride 1, column stride n), all inside y.
             unsafe {
                 matrixmultiply::sgemm(
-                    m,
-                    k,
                     cols,
+                    k,
+                    m,
                     1.0,
-                    x.as_ptr(),
+                    panel.as_ptr(),
                     k as isize,
                     1,
-                    panel.as_ptr(),
+                    x.as_ptr(),
                     1,
                     k as isize,
                     0.0,
                     y.as_mut_ptr().add(n0),
-                    n as isize,
                     1,
+                    n as isize,
                 );
             }
         }
