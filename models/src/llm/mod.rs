@@ -310,16 +310,7 @@ impl CausalLm {
         if io.ids == usize::MAX {
             return Err(shape_err("no `input_ids` input".into()));
         }
-        let output_names: Vec<String> = model
-            .outputs
-            .iter()
-            .map(|o| {
-                model
-                    .outlet_label(*o)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| model.node(o.node).name.clone())
-            })
-            .collect();
+        let output_names = graph_output_names(&model);
         io.logits = output_names
             .iter()
             .position(|n| n == "logits")
@@ -594,6 +585,24 @@ impl CausalLm {
     }
 }
 
+/// The name of each output of a graph (its label, else its node's name).
+fn graph_output_names<F, O>(model: &tract_onnx::tract_core::model::Graph<F, O>) -> Vec<String>
+where
+    F: Fact + Clone + 'static,
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
+    model
+        .outputs
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| model.node(o.node).name.clone())
+        })
+        .collect()
+}
+
 /// Re-finds `io`'s tensors by name in a transformed model; cache tensors the
 /// model no longer takes as inputs are managed by tract inside the model.
 fn remap(
@@ -607,16 +616,7 @@ fn remap(
         .iter()
         .map(|o| model.node(o.node).name.as_str())
         .collect();
-    let outputs: Vec<String> = model
-        .outputs
-        .iter()
-        .map(|o| {
-            model
-                .outlet_label(*o)
-                .map(str::to_string)
-                .unwrap_or_else(|| model.node(o.node).name.clone())
-        })
-        .collect();
+    let outputs = graph_output_names(model);
     let find_in = |old: usize| inputs.iter().position(|n| *n == input_names[old]);
     let find_out = |old: usize| outputs.iter().position(|n| *n == output_names[old]);
     let mut new = Io {
