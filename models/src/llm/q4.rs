@@ -428,12 +428,15 @@ unsafe fn rows_scalar_q8(job: &Rows) {
         for b in 0..nb {
             let blk = &job.w.blocks[(row * nb + b) * BLOCK_BYTES_Q8..][..BLOCK_BYTES_Q8];
             let xb = &xr[b * BLOCK..][..BLOCK];
-            let s: f32 = blk[4..]
-                .iter()
-                .zip(xb)
-                .map(|(q, x)| f32::from(*q as i8) * x)
-                .sum();
-            acc += f16_at(blk, 0) * s;
+            // Eight independent lanes: LLVM turns this into NEON / SSE code,
+            // which a single running sum (strict float order) would prevent.
+            let mut lanes = [0f32; 8];
+            for (q8, x8) in blk[4..].chunks_exact(8).zip(xb.chunks_exact(8)) {
+                for l in 0..8 {
+                    lanes[l] += f32::from(q8[l] as i8) * x8[l];
+                }
+            }
+            acc += f16_at(blk, 0) * lanes.iter().sum::<f32>();
         }
         // SAFETY: r < m and row < n, so the index is inside y (caller's contract).
         unsafe { *job.y.0.add(r * n + row) = acc };
