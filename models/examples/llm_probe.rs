@@ -19,6 +19,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let t = Instant::now();
     let mut lm = CausalLm::load(&dir, &options)?;
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!("after load: {}", rss());
     eprintln!(
         "load {:.0} ms ({} layers on kith's q4 kernel)",
         t.elapsed().as_secs_f64() * 1e3,

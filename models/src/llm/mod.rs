@@ -374,6 +374,7 @@ impl CausalLm {
         };
         lm.reset_cache()?;
         lm.last_logits_only = last_only;
+        release_freed_heap();
         lm.fused_q4 = fused;
         Ok(lm)
     }
@@ -582,6 +583,17 @@ impl CausalLm {
             finished: None,
             reused: common,
         })
+    }
+}
+
+/// Parsing a model allocates (and frees) about as much again as the model
+/// holds; glibc keeps those pages, which doubled the resident size (300 MB ->
+/// 150 MB for SmolLM2-135M after trimming). Hand them back.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the heap to the system.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
