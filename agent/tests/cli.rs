@@ -386,11 +386,11 @@ fn fetching_an_unknown_model_lists_the_known_ones() {
         path_str(dir.path()),
         "models",
         "fetch",
-        "smollm2-135m",
+        "gemma-9000",
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("unknown model `smollm2-135m`"),
+        stderr(&out).contains("unknown model `gemma-9000`"),
         "{}",
         stderr(&out)
     );
