@@ -10,7 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(32);
     let options = LoadOptions {
         last_logits_only: std::env::var("KITH_ALL_LOGITS").is_err(),
-        transformer_rewrites: std::env::var("KITH_REWRITES").is_ok(),
         fast_q4: std::env::var("KITH_TRACT_Q4").is_err(),
         threads: std::env::var("KITH_THREADS")
             .ok()

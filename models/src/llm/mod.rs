@@ -29,9 +29,6 @@ pub struct LoadOptions {
     /// Compute logits only for the last position (prefill then skips the
     /// vocabulary projection of every prompt token but the last).
     pub last_logits_only: bool,
-    /// Apply tract-transformers' graph rewrites (RMS norm, RoPE, SDPA
-    /// detection) before optimizing.
-    pub transformer_rewrites: bool,
     /// Threads for matrix products (1: run on the caller's thread only).
     pub threads: usize,
     /// Run 4-bit MatMulNBits layers with kith's SIMD kernel (see `q4`) where
@@ -43,7 +40,6 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             last_logits_only: true,
-            transformer_rewrites: false,
             threads: 1,
             fast_q4: true,
         }
@@ -70,8 +66,6 @@ struct Io {
 pub struct CausalLm {
     name: String,
     path: PathBuf,
-    /// The plan, kept to start a fresh state when the cache lives inside it.
-    plan: std::sync::Arc<TypedSimplePlan>,
     state: TypedSimpleState,
     tokenizer: TextTokenizer,
     io: Io,
@@ -310,7 +304,16 @@ impl CausalLm {
         if io.ids == usize::MAX {
             return Err(shape_err("no `input_ids` input".into()));
         }
-        let output_names = graph_output_names(&model);
+        let output_names: Vec<String> = model
+            .outputs
+            .iter()
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
+            .collect();
         io.logits = output_names
             .iter()
             .position(|n| n == "logits")
@@ -324,22 +327,11 @@ impl CausalLm {
             io.present.push(ix);
         }
 
-        let mut typed = model
+        let optimized = model
             .into_typed()
-            .map_err(|e| fail(e.context("typing the graph")))?;
-        if options.transformer_rewrites {
-            use tract_onnx::tract_core::transform::get_transform;
-            if let Some(t) = get_transform("transformers_detect_all").map_err(fail)? {
-                t.transform(&mut typed)
-                    .map_err(|e| fail(e.context("transformer rewrites")))?;
-            }
-        }
-        let optimized = typed
+            .map_err(|e| fail(e.context("typing the graph")))?
             .into_optimized()
             .map_err(|e| fail(e.context("optimizing")))?;
-        // Rewrites may move the KV cache inside the model (tract's own cache
-        // ops): find every input and output again by name.
-        let io = remap(&io, &optimized, &input_names, &output_names).map_err(shape_err)?;
         let vocab_dim = optimized
             .outlet_fact(optimized.outputs[io.logits])
             .map_err(fail)?
@@ -359,7 +351,6 @@ impl CausalLm {
         let mut lm = CausalLm {
             name: model_name(dir),
             path: path.clone(),
-            plan,
             state,
             tokenizer,
             io,
@@ -420,9 +411,6 @@ impl CausalLm {
 
     /// Forgets every cached token.
     pub fn reset_cache(&mut self) -> Result<(), ModelError> {
-        if self.io.past.is_empty() {
-            self.state = self.plan.spawn().map_err(|e| self.run_error(e))?;
-        }
         self.cache = self
             .io
             .cache_shape
@@ -446,8 +434,7 @@ impl CausalLm {
         if n >= self.cached.len() {
             return Ok(());
         }
-        if n == 0 || self.io.past.is_empty() {
-            // A cache held inside the model cannot be cut: start over.
+        if n == 0 {
             return self.reset_cache();
         }
         for t in self.cache.iter_mut() {
@@ -595,63 +582,6 @@ fn release_freed_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// The name of each output of a graph (its label, else its node's name).
-fn graph_output_names<F, O>(model: &tract_onnx::tract_core::model::Graph<F, O>) -> Vec<String>
-where
-    F: Fact + Clone + 'static,
-    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
-{
-    model
-        .outputs
-        .iter()
-        .map(|o| {
-            model
-                .outlet_label(*o)
-                .map(str::to_string)
-                .unwrap_or_else(|| model.node(o.node).name.clone())
-        })
-        .collect()
-}
-
-/// Re-finds `io`'s tensors by name in a transformed model; cache tensors the
-/// model no longer takes as inputs are managed by tract inside the model.
-fn remap(
-    io: &Io,
-    model: &TypedModel,
-    input_names: &[String],
-    output_names: &[String],
-) -> Result<Io, String> {
-    let inputs: Vec<&str> = model
-        .inputs
-        .iter()
-        .map(|o| model.node(o.node).name.as_str())
-        .collect();
-    let outputs = graph_output_names(model);
-    let find_in = |old: usize| inputs.iter().position(|n| *n == input_names[old]);
-    let find_out = |old: usize| outputs.iter().position(|n| *n == output_names[old]);
-    let mut new = Io {
-        ids: find_in(io.ids).ok_or("input_ids disappeared")?,
-        mask: io.mask.and_then(find_in),
-        positions: io.positions.and_then(find_in),
-        past: Vec::new(),
-        logits: find_out(io.logits).ok_or("logits disappeared")?,
-        present: Vec::new(),
-        cache_shape: Vec::new(),
-        n_inputs: inputs.len(),
-    };
-    for (slot, &ix) in io.past.iter().enumerate() {
-        if let (Some(i), Some(o)) = (find_in(ix), find_out(io.present[slot])) {
-            new.past.push(i);
-            new.present.push(o);
-            new.cache_shape.push(io.cache_shape[slot]);
-        }
-    }
-    if !new.past.is_empty() && new.past.len() != io.past.len() {
-        return Err("rewrites moved only part of the KV cache into the model".into());
-    }
-    Ok(new)
 }
 
 fn read_context_length(dir: &Path) -> Result<usize, ModelError> {
