@@ -132,10 +132,7 @@ pub fn print_profile(profile: &kith_models::llm::OpProfile) {
 
 /// The process's peak resident memory (VmHWM), in MB.
 pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    kith_hal::telemetry::process_memory().map(|m| m.peak_resident_bytes as f64 / (1 << 20) as f64)
 }
 
 /// Sampling settings shared by `generate` and `chat`.

@@ -1,8 +1,13 @@
 //! kith, the agent: the one crate that knows about files on disk, package
-//! registries, command lines and (later) the network. It wires `kith-models`
+//! registries, command lines, configuration and the network (the HTTP API). It wires `kith-models`
 //! (inference) and `kith-hal` (the device) together.
 
+pub mod api;
 pub mod catalog;
+pub mod config;
 pub mod generate;
 pub mod listen;
+pub mod notify;
 pub mod store;
+pub mod up;
+pub mod worker;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kith::catalog::Catalog;
+use kith::config::{Config, Overrides, kith_env};
 use kith::listen::{self, ListenOptions, WakeEvent};
 use kith::store::{FetchOptions, ModelStore, Status, default_models_dir, human_bytes};
 use kith_hal::{AudioSource, WavSource};
@@ -37,6 +38,48 @@ enum Command {
     Generate(GenerateArgs),
     /// Chat interactively with a local language model
     Chat(ChatArgs),
+    /// Run the agent: the OpenAI-compatible API, model workers, the audio pipeline
+    Up(UpArgs),
+    /// Write or show the configuration file
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Configuration file [default: $KITH_CONFIG, else ~/.config/kith/kith.toml, else /etc/kith/kith.toml, else built-in defaults]
+    #[arg(long, value_name = "FILE", env = "KITH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the HTTP API (api.listen), e.g. 0.0.0.0:8710
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// This node's name (node.name)
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// Listen for wake words in this WAV file (audio.wav)
+    #[arg(long, value_name = "FILE", conflicts_with = "mic")]
+    listen_wav: Option<PathBuf>,
+    /// Listen for wake words on the microphone (audio.mic)
+    #[arg(long)]
+    mic: bool,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Write the commented default configuration
+    Init {
+        /// Where to write it (`-`: stdout) [default: ~/.config/kith/kith.toml]
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Replace an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the configuration `kith up` would run with (file, environment, flags)
+    Show {
+        #[arg(long, value_name = "FILE", env = "KITH_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -200,14 +243,22 @@ struct ListenArgs {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    let cli = Cli::parse();
+    // The agent explains itself at `info`; one-shot commands stay quiet.
+    let default_level = if matches!(cli.command, Command::Up(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -254,7 +305,58 @@ fn run(cli: Cli) -> Result<()> {
         Command::Listen(args) => listen_cmd(&store, args),
         Command::Generate(args) => generate_cmd(&store, args),
         Command::Chat(args) => chat_cmd(&store, args),
+        Command::Up(args) => up_cmd(cli.models_dir, store.catalog().clone(), args),
+        Command::Config(ConfigCommand::Init { output, force }) => config_init(output, force),
+        Command::Config(ConfigCommand::Show { config }) => {
+            let loaded = Config::load(config.as_deref(), &kith_env(), &Overrides::default())?;
+            let from = loaded
+                .file
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "built-in defaults".into());
+            println!("# from {from}; environment: {:?}", loaded.env_keys);
+            print!("{}", toml::to_string(&loaded.config)?);
+            Ok(())
+        }
     }
+}
+
+fn up_cmd(models_dir: Option<PathBuf>, catalog: Catalog, args: UpArgs) -> Result<()> {
+    let flags = Overrides {
+        api: args.api,
+        models_dir,
+        node_name: args.node_name,
+        listen_wav: args.listen_wav,
+        mic: args.mic,
+    };
+    let loaded = Config::load(args.config.as_deref(), &kith_env(), &flags)
+        .context("invalid configuration")?;
+    let store = ModelStore::new(loaded.config.models_dir(), catalog);
+    kith::up::up(loaded, store)
+}
+
+fn config_init(output: Option<PathBuf>, force: bool) -> Result<()> {
+    let path = match output {
+        Some(p) if p.as_os_str() == "-" => {
+            print!("{}", kith::config::DEFAULT_TOML);
+            return Ok(());
+        }
+        Some(p) => p,
+        None => kith::config::user_path().context("no home directory: give --output FILE")?,
+    };
+    if path.exists() && !force {
+        bail!("{} exists; use --force to replace it", path.display());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, kith::config::DEFAULT_TOML)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote {} (`kith up --config {}` reads it; it is also read by default)",
+        path.display(),
+        path.display()
+    );
+    Ok(())
 }
 
 fn list_models(store: &ModelStore, json: bool) -> Result<()> {

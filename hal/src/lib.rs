@@ -4,12 +4,13 @@
 //! implementation (cpal/ALSA, feature `mic`) and a WAV file implementation
 //! that tests and batch jobs use the same way. Every source delivers 16 kHz
 //! mono i16, whatever it reads. This crate knows nothing about models or
-//! networks.
+//! networks. [`telemetry`] reads what the process uses.
 
 mod error;
 #[cfg(feature = "mic")]
 mod mic;
 mod resample;
+pub mod telemetry;
 mod wav;
 
 pub use error::AudioError;

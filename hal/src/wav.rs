@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use hound::{SampleFormat, WavReader};
@@ -39,7 +39,7 @@ pub struct WavSource {
     /// The file, for messages.
     path: PathBuf,
     /// hound's reader, positioned at the next unread sample.
-    reader: WavReader<BufReader<File>>,
+    reader: WavReader<Box<dyn Read + Send>>,
     /// The header.
     info: WavInfo,
     /// Factor that brings a raw sample to i16 scale.
@@ -69,7 +69,20 @@ impl WavSource {
         if len == 0 {
             return Err(AudioError::Empty { path: path.into() });
         }
-        let reader = WavReader::new(BufReader::new(file)).map_err(|e| match e {
+        Self::from_reader(path, Box::new(BufReader::new(file)))
+    }
+
+    /// A WAV file held in memory (an upload, say); `name` is used in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self, AudioError> {
+        let path = Path::new(name);
+        if bytes.is_empty() {
+            return Err(AudioError::Empty { path: path.into() });
+        }
+        Self::from_reader(path, Box::new(Cursor::new(bytes)))
+    }
+
+    fn from_reader(path: &Path, input: Box<dyn Read + Send>) -> Result<Self, AudioError> {
+        let reader = WavReader::new(input).map_err(|e| match e {
             hound::Error::Unsupported => AudioError::Unsupported {
                 path: path.into(),
                 reason: "hound cannot decode this format (compressed WAV?)".into(),

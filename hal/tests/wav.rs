@@ -217,3 +217,27 @@ fn a_ten_minute_file_streams_through_with_its_exact_length() {
         "still the same tone at the end: {last_chunk_freq}"
     );
 }
+
+#[test]
+fn a_wav_held_in_memory_reads_like_the_file_and_names_itself_in_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = tmp(&dir, "tone.wav");
+    write_sine(&p, 48_000, 2, 16, false, 440.0, 0.5);
+    let bytes = std::fs::read(&p).expect("read");
+    let from_file = read_all(&p).expect("file reads");
+    let mut src = WavSource::from_bytes("upload.wav", bytes.clone()).expect("bytes open");
+    let mut from_memory = Vec::new();
+    let mut buf = [0i16; 1000];
+    loop {
+        match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => from_memory.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(from_memory, from_file);
+    let e = WavSource::from_bytes("upload.wav", bytes[..20].to_vec())
+        .err()
+        .expect("a cut header is rejected");
+    assert!(e.to_string().contains("upload.wav"), "{e}");
+}
