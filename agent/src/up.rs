@@ -260,7 +260,7 @@ fn start_audio(state: &Arc<AppState>) -> Result<()> {
                 open_mic(&audio.device)
             } else {
                 WavSource::open(std::path::Path::new(&audio.wav))
-                    .map(|s| (Box::new(s) as Box<dyn AudioSource>, 1000))
+                    .map(|s| (Box::new(Paced::new(s)) as Box<dyn AudioSource>, 1000))
                     .with_context(|| "audio.wav".to_string())
             };
             let (mut source, pad_ms) = match opened {
@@ -363,5 +363,40 @@ impl AudioSource for Metered<'_> {
 
     fn describe(&self) -> String {
         self.inner.describe()
+    }
+}
+
+/// Delivers a file's audio no faster than real time, as a microphone would.
+struct Paced<S> {
+    inner: S,
+    started: Option<Instant>,
+    samples: u64,
+}
+
+impl<S: AudioSource> Paced<S> {
+    fn new(inner: S) -> Self {
+        Paced {
+            inner,
+            started: None,
+            samples: 0,
+        }
+    }
+}
+
+impl<S: AudioSource> AudioSource for Paced<S> {
+    fn read(&mut self, buf: &mut [i16]) -> Result<usize, AudioError> {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        let n = self.inner.read(buf)?;
+        self.samples += n as u64;
+        let due =
+            Duration::from_micros(self.samples * 1_000_000 / u64::from(kith_hal::SAMPLE_RATE));
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        Ok(n)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} at real time", self.inner.describe())
     }
 }
