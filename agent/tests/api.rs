@@ -144,6 +144,15 @@ impl Agent {
         None
     }
 
+    /// The value of one series in `GET /metrics` (`name{labels}` exactly).
+    fn metric(&self, series: &str) -> Option<f64> {
+        let text = http(self.addr, "GET", "/metrics", None, b"").body;
+        text.lines().find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+    }
+
     fn rss_kb(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("proc status");
@@ -610,27 +619,20 @@ fn a_client_that_hangs_up_mid_stream_stops_the_generation() {
     }
     drop(stream);
     let abandoned = |agent: &Agent| {
-        let m = http(agent.addr, "GET", "/metrics", None, b"").body;
-        m.lines()
-            .find(|l| l.starts_with("kith_jobs_abandoned_total{model=\"smollm2-135m\"}"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+        agent
+            .metric("kith_jobs_abandoned_total{model=\"smollm2-135m\"}")
+            .unwrap_or(0.0)
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while abandoned(&agent) == 0 && Instant::now() < deadline {
+    while abandoned(&agent) == 0.0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(abandoned(&agent), 1, "{}", agent.log());
-    let m = http(agent.addr, "GET", "/metrics", None, b"").body;
-    let tokens: u64 = m
-        .lines()
-        .find(|l| l.starts_with("kith_generated_tokens_total{model=\"smollm2-135m\"}"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+    assert_eq!(abandoned(&agent), 1.0, "{}", agent.log());
+    let tokens = agent
+        .metric("kith_generated_tokens_total{model=\"smollm2-135m\"}")
         .expect("token counter");
     assert!(
-        tokens < 200,
+        tokens < 200.0,
         "generation stopped soon after the hang-up, not at 1000 tokens: {tokens}"
     );
 }
@@ -676,13 +678,7 @@ fn wake_words_heard_in_the_configured_audio_reach_the_log_the_event_stream_and_m
     }
     assert_eq!(models, vec!["hey_jarvis", "weather"]);
     assert!(agent.log().contains("wake word heard"), "{}", agent.log());
-    let m = http(agent.addr, "GET", "/metrics", None, b"").body;
-    let rtf: f64 = m
-        .lines()
-        .find(|l| l.starts_with("kith_audio_rtf "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("rtf");
+    let rtf = agent.metric("kith_audio_rtf").expect("rtf");
     assert!(
         rtf > 0.0 && rtf < 1.0,
         "audio RTF measured and faster than real time: {rtf}"
