@@ -99,7 +99,7 @@ impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
             max_tokens: 256,
-            temperature: 0.7,
+            temperature: 0.2,
             top_p: 0.9,
         }
     }

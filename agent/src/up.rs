@@ -283,14 +283,18 @@ fn start_audio(state: &Arc<AppState>) -> Result<()> {
             let mut metered = Metered::new(source.as_mut(), &state);
             let result = listen::run(&mut pipeline, &mut metered, pad_ms, &mut |event| {
                 state.audio.detections.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(model = %event.model, score = event.score, t_ms = event.t_ms, "wake word heard");
+                tracing::info!(model = %event.model, score = %event.score, t_ms = event.t_ms, "wake word heard");
                 if let Ok(json) = serde_json::to_string(&event) {
                     state.publish(json);
                 }
             });
             state.audio.running.store(false, Ordering::SeqCst);
             match result {
-                Ok(stats) => tracing::info!(rtf = stats.rtf, audio_ms = stats.audio_ms, "audio source ended"),
+                Ok(stats) => tracing::info!(
+                    rtf = %format!("{:.4}", state.audio.rtf_micro.load(Ordering::Relaxed) as f64 / 1e6),
+                    audio_ms = stats.audio_ms,
+                    "audio source ended"
+                ),
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "audio pipeline stopped"),
             }
         })
