@@ -124,9 +124,9 @@ async fn serve(loaded: Loaded, store: ModelStore) -> Result<()> {
     Ok(())
 }
 
-/// Where the API listens, and one command to try it.
-fn announce(local: SocketAddr, state: &AppState) {
-    let host = match local.ip() {
+/// An address this host can connect to: loopback for a wildcard listener.
+fn reachable(local: SocketAddr) -> SocketAddr {
+    match local.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => {
             SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port())
         }
@@ -134,7 +134,12 @@ fn announce(local: SocketAddr, state: &AppState) {
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), local.port())
         }
         _ => local,
-    };
+    }
+}
+
+/// Where the API listens, and one command to try it.
+fn announce(local: SocketAddr, state: &AppState) {
+    let host = reachable(local);
     let models = state.text_model_names();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -191,15 +196,7 @@ async fn watchdog(
     local: SocketAddr,
     interval: Duration,
 ) {
-    let target = match local.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), local.port())
-        }
-        _ => local,
-    };
+    let target = reachable(local);
     let mut shutdown = state.shutdown.clone();
     loop {
         let api_ok = probe(target, interval).await;

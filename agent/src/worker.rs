@@ -484,7 +484,7 @@ fn serve_language(
         if !piece.text.is_empty() && !send(&job.events, TextEvent::Text(piece.text)) {
             stats
                 .tokens
-                .fetch_add(generation_tokens(&generation), Ordering::Relaxed);
+                .fetch_add(generation.generated_tokens() as u64, Ordering::Relaxed);
             return Served::Abandoned;
         }
         if cut.load(Ordering::Relaxed) {
@@ -504,8 +504,4 @@ fn serve_language(
             .store((generated as f64 / secs * 1000.0) as u64, Ordering::Relaxed);
     }
     finished(job, finish, generated)
-}
-
-fn generation_tokens(g: &kith_models::llm::Generation<'_>) -> u64 {
-    g.generated_tokens() as u64
 }
