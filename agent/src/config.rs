@@ -20,6 +20,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub generation: GenerationConfig,
     pub audio: AudioConfig,
+    pub mesh: MeshConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -71,6 +72,63 @@ pub struct AudioConfig {
     pub wav: String,
     pub wake: Vec<String>,
     pub threshold: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Find peers (mDNS) and work with them (MQTT).
+    pub enabled: bool,
+    /// Interfaces to advertise and browse on; empty: every LAN interface
+    /// that is not a container or VM bridge.
+    pub interfaces: Vec<String>,
+    /// `mqtt://HOST:PORT` or `mqtts://HOST:PORT`; empty: find or host one.
+    pub mqtt_url: String,
+    /// PEM files for `mqtts://`: the CA, and this node's certificate and key.
+    pub mqtt_ca: String,
+    pub mqtt_cert: String,
+    pub mqtt_key: String,
+    /// MQTT keep-alive, seconds: a silent node is declared dead after 1.5 ×.
+    pub mqtt_keep_alive_secs: u64,
+    /// This node may host the embedded broker.
+    pub broker: bool,
+    /// The embedded broker's TCP port.
+    pub broker_port: u16,
+    /// Forward requests to peers that can serve them sooner.
+    pub delegate: bool,
+    /// `model: "auto"`: up to this many tokens (prompt + max_tokens) the
+    /// smallest text model serves; above, the largest in the mesh.
+    pub auto_small_tokens: u32,
+    /// Seconds between state publications.
+    pub state_interval_secs: u64,
+    /// A peer silent this long (no state, no mDNS) is dropped.
+    pub peer_timeout_secs: u64,
+    /// A delegated request not accepted within this time goes elsewhere.
+    pub accept_timeout_ms: u64,
+    /// A delegated request silent this long after its start is an error.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            enabled: true,
+            interfaces: Vec::new(),
+            mqtt_url: String::new(),
+            mqtt_ca: String::new(),
+            mqtt_cert: String::new(),
+            mqtt_key: String::new(),
+            mqtt_keep_alive_secs: 5,
+            broker: true,
+            broker_port: 8711,
+            delegate: true,
+            auto_small_tokens: 512,
+            state_interval_secs: 2,
+            peer_timeout_secs: 10,
+            accept_timeout_ms: 3000,
+            idle_timeout_secs: 30,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -284,8 +342,61 @@ impl Config {
                 self.audio.threshold
             );
         }
+        self.validate_mesh()?;
         if self.audio.mic && !self.audio.wav.is_empty() {
             bail!("audio.mic = true and audio.wav are both set: choose one audio source");
+        }
+        Ok(())
+    }
+
+    fn validate_mesh(&self) -> Result<()> {
+        let m = &self.mesh;
+        if !m.mqtt_url.is_empty() {
+            crate::mesh::link::BrokerUrl::parse(&m.mqtt_url)
+                .map_err(|e| anyhow::anyhow!("mesh.mqtt_url = {:?}: {e}", m.mqtt_url))?;
+        }
+        for (key, path) in [
+            ("mqtt_ca", &m.mqtt_ca),
+            ("mqtt_cert", &m.mqtt_cert),
+            ("mqtt_key", &m.mqtt_key),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                bail!("mesh.{key} = {path:?}: no such file");
+            }
+        }
+        if m.mqtt_cert.is_empty() != m.mqtt_key.is_empty() {
+            bail!("mesh.mqtt_cert and mesh.mqtt_key go together: set both or neither");
+        }
+        if !(1..=600).contains(&m.mqtt_keep_alive_secs) {
+            bail!(
+                "mesh.mqtt_keep_alive_secs = {}: must be 1..=600",
+                m.mqtt_keep_alive_secs
+            );
+        }
+        if !(1..=300).contains(&m.state_interval_secs) {
+            bail!(
+                "mesh.state_interval_secs = {}: must be 1..=300",
+                m.state_interval_secs
+            );
+        }
+        if m.peer_timeout_secs < 2 * m.state_interval_secs {
+            bail!(
+                "mesh.peer_timeout_secs = {}: must be at least twice mesh.state_interval_secs ({})",
+                m.peer_timeout_secs,
+                m.state_interval_secs
+            );
+        }
+        if !(100..=600_000).contains(&m.accept_timeout_ms) {
+            bail!(
+                "mesh.accept_timeout_ms = {}: must be 100..=600000",
+                m.accept_timeout_ms
+            );
+        }
+        if !(1..=3600).contains(&m.idle_timeout_secs) {
+            bail!(
+                "mesh.idle_timeout_secs = {}: must be 1..=3600",
+                m.idle_timeout_secs
+            );
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! kith, the agent: the one crate that knows about files on disk, package
-//! registries, command lines, configuration and the network (the HTTP API). It wires `kith-models`
+//! registries, command lines, configuration and the network (the HTTP API, the mesh). It wires `kith-models`
 //! (inference) and `kith-hal` (the device) together.
 
 pub mod api;
@@ -7,7 +7,9 @@ pub mod catalog;
 pub mod config;
 pub mod generate;
 pub mod listen;
+pub mod mesh;
 pub mod notify;
+pub mod show_peers;
 pub mod store;
 pub mod up;
 pub mod worker;

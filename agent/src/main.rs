@@ -43,6 +43,21 @@ enum Command {
     /// Write or show the configuration file
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Show the peers the local node knows (from its API: GET /v1/mesh/peers)
+    Peers(PeersArgs),
+}
+
+#[derive(Args)]
+struct PeersArgs {
+    /// Print the JSON the API answers instead of a table
+    #[arg(long)]
+    json: bool,
+    /// The node's API [default: http:// + api.listen of the configuration]
+    #[arg(long, value_name = "URL")]
+    api: Option<String>,
+    /// Configuration file, to find api.listen [default: as `kith up`]
+    #[arg(long, value_name = "FILE", env = "KITH_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -307,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => chat_cmd(&store, args),
         Command::Up(args) => up_cmd(cli.models_dir, store.catalog().clone(), args),
         Command::Config(ConfigCommand::Init { output, force }) => config_init(output, force),
+        Command::Peers(args) => peers_cmd(args),
         Command::Config(ConfigCommand::Show { config }) => {
             let loaded = Config::load(config.as_deref(), &kith_env(), &Overrides::default())?;
             let from = loaded
@@ -318,6 +334,29 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn peers_cmd(args: PeersArgs) -> Result<()> {
+    let base = match args.api {
+        Some(url) => url,
+        None => {
+            let loaded = Config::load(args.config.as_deref(), &kith_env(), &Overrides::default())?;
+            let addr = loaded.config.listen_addr()?;
+            let host = if addr.ip().is_unspecified() {
+                std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            } else {
+                addr
+            };
+            format!("http://{host}")
+        }
+    };
+    let table = kith::show_peers::fetch(&base)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&table)?);
+    } else {
+        print!("{}", kith::show_peers::render(&table));
+    }
+    Ok(())
 }
 
 fn up_cmd(models_dir: Option<PathBuf>, catalog: Catalog, args: UpArgs) -> Result<()> {

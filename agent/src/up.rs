@@ -79,6 +79,11 @@ async fn serve(loaded: Loaded, store: ModelStore) -> Result<()> {
             .await
     });
 
+    if config.mesh.enabled {
+        let mesh = crate::mesh::Mesh::start(&state, local.port())
+            .context("starting the mesh (mDNS + MQTT); set mesh.enabled = false to run alone")?;
+        state.set_mesh(mesh);
+    }
     let notifier = Arc::new(Notifier::from_env());
     announce(local, &state);
     notifier.notify(&format!("READY=1\nSTATUS=serving on http://{local}"));
@@ -119,6 +124,10 @@ async fn serve(loaded: Loaded, store: ModelStore) -> Result<()> {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the HTTP server ended with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP server task failed"),
         Err(_) => tracing::warn!("connections still open after the drain; closing them"),
+    }
+    if let Some(mesh) = state.mesh() {
+        // The link leaves the broker (clearing this node's state) and withdraws the advert.
+        mesh.wait_stopped(Duration::from_secs(2)).await;
     }
     tracing::info!("stopped");
     Ok(())

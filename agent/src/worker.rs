@@ -32,8 +32,13 @@ pub enum Prompt {
 pub enum TextEvent {
     Started {
         prompt_tokens: usize,
+        /// The peer that runs the job; `None`: this node.
+        node: Option<String>,
     },
     Text(String),
+    /// The text so far is void: the job starts over on another node (a
+    /// delegated, non-streamed request whose node failed mid-answer).
+    Restart,
     Done {
         finish: Finish,
         completion_tokens: usize,
@@ -71,6 +76,9 @@ pub enum JobError {
     /// The model failed to load or to run.
     #[error("{0}")]
     Model(String),
+    /// No node could run it (peers gone, busy or without the model).
+    #[error("{0}")]
+    Unavailable(String),
     /// The agent is shutting down and the job never started.
     #[error("kith is shutting down; the request was not started")]
     ShuttingDown,
@@ -195,6 +203,11 @@ impl ModelWorker {
             .lock()
             .map(|t| t.as_ref().is_some_and(|h| !h.is_finished()))
             .unwrap_or(false)
+    }
+
+    /// Jobs that may wait.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Jobs waiting plus the one running.
@@ -361,6 +374,7 @@ fn serve_echo(job: &Job, stats: &WorkerStats, cut: &AtomicBool) -> Served {
         &job.events,
         TextEvent::Started {
             prompt_tokens: words.len(),
+            node: None,
         },
     ) {
         return Served::Abandoned;
@@ -468,6 +482,7 @@ fn serve_language(
         &job.events,
         TextEvent::Started {
             prompt_tokens: ids.len(),
+            node: None,
         },
     ) {
         return Served::Abandoned;

@@ -119,6 +119,14 @@ impl ApiError {
         e
     }
 
+    /// 503: no node of the mesh could run the request now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            .code("mesh_unavailable");
+        e.retry_after = Some(2);
+        e
+    }
+
     /// 500.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
@@ -146,6 +154,7 @@ impl From<JobError> for ApiError {
                 .param("messages"),
             JobError::Model(m) => ApiError::internal(m).code("model_error"),
             JobError::ShuttingDown => ApiError::draining(),
+            JobError::Unavailable(m) => ApiError::unavailable(m),
         }
     }
 }

@@ -36,6 +36,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/v1/completions" => "/v1/completions",
         "/v1/audio/intents" => "/v1/audio/intents",
         "/v1/events" => "/v1/events",
+        "/v1/mesh/peers" => "/v1/mesh/peers",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         _ => "unknown",
     }
@@ -174,6 +175,70 @@ fn write_metrics(state: &AppState, out: &mut String) -> std::fmt::Result {
             "kith_peak_resident_memory_bytes {}",
             m.peak_resident_bytes
         )?;
+    }
+    if let Some(mesh) = state.mesh() {
+        let st = &mesh.stats;
+        let broker = mesh.broker_status();
+        for (name, help, kind, value) in [
+            (
+                "kith_mesh_peers",
+                "Peers alive on MQTT.",
+                "gauge",
+                mesh.alive_count() as u64,
+            ),
+            (
+                "kith_mesh_broker_connected",
+                "1 while connected to the MQTT broker.",
+                "gauge",
+                u64::from(broker.connected),
+            ),
+            (
+                "kith_mesh_broker_hosted",
+                "1 while this node hosts the embedded broker.",
+                "gauge",
+                u64::from(broker.hosted_here),
+            ),
+            (
+                "kith_mesh_broker_connects_total",
+                "Connections made to a broker.",
+                "counter",
+                st.broker_connects.load(Ordering::Relaxed),
+            ),
+            (
+                "kith_mesh_frames_dropped_total",
+                "Messages on kith topics dropped as malformed or misplaced.",
+                "counter",
+                st.frames_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "kith_mesh_delegated_ok_total",
+                "Requests delegated to peers that completed.",
+                "counter",
+                st.delegated_ok.load(Ordering::Relaxed),
+            ),
+            (
+                "kith_mesh_delegated_failed_total",
+                "Requests delegated to peers that ended in an error.",
+                "counter",
+                st.delegated_failed.load(Ordering::Relaxed),
+            ),
+            (
+                "kith_mesh_delegation_retries_total",
+                "Delegated requests moved to another node before their first token.",
+                "counter",
+                st.delegation_retries.load(Ordering::Relaxed),
+            ),
+            (
+                "kith_mesh_served_total",
+                "Requests this node ran for peers.",
+                "counter",
+                st.served.load(Ordering::Relaxed),
+            ),
+        ] {
+            writeln!(out, "# HELP {name} {help}")?;
+            writeln!(out, "# TYPE {name} {kind}")?;
+            writeln!(out, "{name} {value}")?;
+        }
     }
     writeln!(
         out,

@@ -8,7 +8,7 @@ mod openai;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -57,6 +57,8 @@ pub struct AppState {
     pub started: Instant,
     /// The audio pipeline's figures.
     pub audio: AudioStatus,
+    /// The mesh, when enabled (set once, after the API is bound).
+    mesh: OnceLock<Arc<crate::mesh::Mesh>>,
 }
 
 /// What `/metrics` and `/health` show of the audio pipeline.
@@ -101,7 +103,27 @@ impl AppState {
             shutdown,
             started: Instant::now(),
             audio: AudioStatus::default(),
+            mesh: OnceLock::new(),
         }
+    }
+
+    /// The mesh, when this node is part of one.
+    pub fn mesh(&self) -> Option<&Arc<crate::mesh::Mesh>> {
+        self.mesh.get()
+    }
+
+    pub fn set_mesh(&self, mesh: Arc<crate::mesh::Mesh>) {
+        let _ = self.mesh.set(mesh);
+    }
+
+    /// Size of an installed model's file, MiB (0 when unknown).
+    pub fn model_size_mb(&self, name: &str) -> u32 {
+        self.store
+            .catalog()
+            .model(name)
+            .ok()
+            .and_then(|m| std::fs::metadata(self.store.dir().join(m.hashed_file())).ok())
+            .map_or(0, |md| (md.len() >> 20).min(u64::from(u32::MAX)) as u32)
     }
 
     /// Sends an event (JSON) to every `GET /v1/events` client, now and (for
@@ -198,8 +220,8 @@ impl AppState {
         Ok(worker)
     }
 
-    /// The worker serving text model `name`, started on first use.
-    pub fn text_worker(&self, name: &str) -> Result<Arc<ModelWorker>, ApiError> {
+    /// The worker serving text model `name` on this node, started on first use.
+    pub fn local_text_worker(&self, name: &str) -> Result<Arc<ModelWorker>, ApiError> {
         if let Some(w) = self.workers.lock().ok().and_then(|w| w.get(name).cloned()) {
             return Ok(w);
         }
@@ -268,6 +290,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/audio/intents", post(audio_intents))
         .route("/v1/events", get(events))
+        .route("/v1/mesh/peers", get(mesh_peers))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -437,6 +460,20 @@ async fn get_model(
         Some(m) => json_response(StatusCode::OK, &m),
         None => ApiError::model_not_found(format!("model `{id}` is not installed on this node"))
             .into_response(),
+    }
+}
+
+/// `GET /v1/mesh/peers`: the peer table and the broker in use.
+async fn mesh_peers(State(state): State<Arc<AppState>>) -> Response {
+    match state.mesh() {
+        Some(mesh) => json_response(StatusCode::OK, &mesh.to_json()),
+        None => json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "node": state.node, "enabled": false, "peers": [],
+                "hint": "the mesh is off on this node (mesh.enabled = false)",
+            }),
+        ),
     }
 }
 

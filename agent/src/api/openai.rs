@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::{ApiError, AppState, InFlightGuard, json_response, read_json, sse_response};
-use crate::worker::{Finish, Job, Prompt, TextEvent};
+use crate::mesh::delegate::{self, Load, Route};
+use crate::worker::{Finish, Job, ModelWorker, Prompt, TextEvent};
 
 /// Events buffered between a worker and its response.
 const EVENT_BUFFER: usize = 32;
@@ -275,25 +276,17 @@ struct Reply {
 async fn run(
     state: Arc<AppState>,
     guard: InFlightGuard,
-    reply: Reply,
+    mut reply: Reply,
     prompt: Prompt,
     options: GenerateOptions,
 ) -> Result<Response, ApiError> {
-    let worker = state.text_worker(&reply.model)?;
-    let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
-    worker
-        .submit(Job {
-            prompt,
-            options,
-            events: tx,
-        })
-        .map_err(|busy| {
-            tracing::info!(model = %reply.model, queue = worker.depth(), "queue full: 429");
-            ApiError::busy(&reply.model, busy)
-        })?;
+    let mut rx = dispatch(&state, &mut reply.model, prompt, options, !reply.stream)?;
     // The first event decides the status: errors before any token are plain HTTP errors.
-    let prompt_tokens = match rx.recv().await {
-        Some(TextEvent::Started { prompt_tokens }) => prompt_tokens,
+    let (prompt_tokens, node) = match rx.recv().await {
+        Some(TextEvent::Started {
+            prompt_tokens,
+            node,
+        }) => (prompt_tokens, node.unwrap_or_else(|| state.node.clone())),
         Some(TextEvent::Failed(e)) => return Err(e.into()),
         Some(other) => return Err(ApiError::internal(format!("worker sent {other:?} first"))),
         None => return Err(ApiError::internal("the model worker stopped")),
@@ -309,19 +302,26 @@ async fn run(
             done: false,
             _guard: guard,
         };
-        return Ok(sse_response(Body::from_stream(stream.into_stream())));
+        return Ok(with_node(
+            sse_response(Body::from_stream(stream.into_stream())),
+            &node,
+        ));
     }
     let mut text = String::new();
     loop {
         match rx.recv().await {
             Some(TextEvent::Text(t)) => text.push_str(&t),
+            Some(TextEvent::Restart) => text.clear(),
             Some(TextEvent::Done {
                 finish,
                 completion_tokens,
             }) => {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &head.complete(&text, finish, prompt_tokens, completion_tokens),
+                return Ok(with_node(
+                    json_response(
+                        StatusCode::OK,
+                        &head.complete(&text, finish, prompt_tokens, completion_tokens),
+                    ),
+                    &node,
                 ));
             }
             Some(TextEvent::Failed(e)) => return Err(e.into()),
@@ -329,6 +329,148 @@ async fn run(
             None => return Err(ApiError::internal("the model worker stopped mid-answer")),
         }
     }
+}
+
+/// Names the node that ran the request (`x-kith-node`).
+fn with_node(mut response: Response, node: &str) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(node) {
+        response.headers_mut().insert("x-kith-node", v);
+    }
+    response
+}
+
+/// Rough token count of a prompt (4 bytes a token), for routing only.
+fn estimate_tokens(prompt: &Prompt) -> u32 {
+    let bytes: usize = match prompt {
+        Prompt::Chat(m) => m.iter().map(|m| m.content.len() + 4).sum(),
+        Prompt::Text(t) => t.len(),
+    };
+    (bytes / 4).min(u32::MAX as usize) as u32
+}
+
+/// Sends a text request where it will finish soonest: this node, or a peer
+/// (see `mesh::delegate`). Resolves `model: "auto"` first.
+fn dispatch(
+    state: &Arc<AppState>,
+    model: &mut String,
+    prompt: Prompt,
+    options: GenerateOptions,
+    restartable: bool,
+) -> Result<mpsc::Receiver<TextEvent>, ApiError> {
+    let mesh = state.mesh().filter(|m| m.config.delegate).cloned();
+    let max_tokens = options.max_tokens.unwrap_or(256).min(u32::MAX as usize) as u32;
+    let prompt_tokens = estimate_tokens(&prompt);
+    if model == "auto" {
+        *model = auto(state, mesh.as_deref(), prompt_tokens + max_tokens)?;
+    }
+    let local = state.local_text_worker(model);
+    let peers = mesh
+        .as_ref()
+        .map(|m| m.peers_with(model))
+        .unwrap_or_default();
+    let mesh = match mesh {
+        Some(m) if !peers.is_empty() => m,
+        _ => return submit_local(&local?, model, prompt, options),
+    };
+    if let Err(e) = &local
+        && e.status != StatusCode::NOT_FOUND
+    {
+        return Err(e.clone());
+    }
+    let local_load = local.as_ref().ok().map(|w| Load {
+        loaded: w.stats.loaded.load(Ordering::Relaxed),
+        queued: w.stats.queued.load(Ordering::Relaxed) as u32,
+        busy: w.stats.busy.load(Ordering::Relaxed),
+        capacity: w.capacity() as u32,
+        decode_tps: w.stats.tokens_per_s_milli.load(Ordering::Relaxed) as f64 / 1000.0,
+        service_s: w.stats.service_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+    });
+    let peer_loads: Vec<_> = peers
+        .iter()
+        .map(|(id, m)| (id.clone(), Load::from(m), mesh.rtt(id)))
+        .collect();
+    let routes = delegate::rank(local_load, &peer_loads, prompt_tokens, max_tokens);
+    let mut busy = None;
+    for (i, route) in routes.iter().enumerate() {
+        match route {
+            Route::Local => match local.as_ref() {
+                Ok(worker) => match submit_local(worker, model, prompt.clone(), options.clone()) {
+                    Ok(rx) => return Ok(rx),
+                    Err(e) => busy = Some(e),
+                },
+                Err(e) => return Err(e.clone()),
+            },
+            Route::Peer(_) => {
+                let candidates: Vec<String> = routes[i..]
+                    .iter()
+                    .filter_map(|r| match r {
+                        Route::Peer(p) => Some(p.clone()),
+                        Route::Local => None,
+                    })
+                    .collect();
+                let work = delegate::work(&prompt, &options)?;
+                let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+                delegate::delegate(
+                    mesh.clone(),
+                    model.clone(),
+                    work,
+                    candidates,
+                    restartable,
+                    tx,
+                );
+                return Ok(rx);
+            }
+        }
+    }
+    Err(busy.unwrap_or_else(|| ApiError::unavailable(format!("no node can run `{model}` now"))))
+}
+
+/// The model `auto` stands for, by the request's size.
+fn auto(
+    state: &AppState,
+    mesh: Option<&crate::mesh::Mesh>,
+    tokens: u32,
+) -> Result<String, ApiError> {
+    let mut models: Vec<(String, u32)> = state
+        .text_model_names()
+        .into_iter()
+        .filter(|n| n != "echo")
+        .map(|n| {
+            let size = state.model_size_mb(&n);
+            (n, size)
+        })
+        .collect();
+    for m in mesh.map(|m| m.peer_text_models()).unwrap_or_default() {
+        if m.name.as_str() != "echo" && !models.iter().any(|(n, _)| n == m.name.as_str()) {
+            models.push((m.name.to_string(), m.size_mb));
+        }
+    }
+    delegate::auto_model(&models, tokens, state.config.mesh.auto_small_tokens).ok_or_else(|| {
+        ApiError::model_not_found(
+            "model `auto`: no text model is installed on this node or on its peers",
+        )
+        .param("model")
+    })
+}
+
+fn submit_local(
+    worker: &Arc<ModelWorker>,
+    model: &str,
+    prompt: Prompt,
+    options: GenerateOptions,
+) -> Result<mpsc::Receiver<TextEvent>, ApiError> {
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    worker
+        .submit(Job {
+            prompt,
+            options,
+            events: tx,
+        })
+        .map_err(|busy| {
+            tracing::info!(model, queue = worker.depth(), "queue full: 429");
+            ApiError::busy(model, busy)
+        })?;
+    Ok(rx)
 }
 
 /// What every object of one response shares.
@@ -479,7 +621,7 @@ impl SseStream {
                 self.pending.push_back(frame(&e.body()));
                 self.finish();
             }
-            Some(TextEvent::Started { .. }) => {}
+            Some(TextEvent::Started { .. }) | Some(TextEvent::Restart) => {}
             None => {
                 let e = ApiError::internal("the model worker stopped mid-answer");
                 self.pending.push_back(frame(&e.body()));
