@@ -4,7 +4,7 @@
 //! `$KITH_MODELS_DIR`, espeak-ng, and the Python venv with `openai` (the
 //! README's test command sets all of these up).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -13,19 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const MODEL: &str = "smollm2-135m";
+mod support;
+use support::{Answer, exchange, models_dir, next_data, open_stream_on};
 
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("KITH_MODELS_DIR")
-        .map(PathBuf::from)
-        .expect("KITH_MODELS_DIR is not set: run the README's test command");
-    assert!(
-        dir.join("smollm2-135m/model.onnx").exists(),
-        "smollm2-135m is not installed in {}",
-        dir.display()
-    );
-    dir
-}
+const MODEL: &str = "smollm2-135m";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -74,6 +65,8 @@ impl Agent {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env("KITH_LOG", "info")
+            // One node alone: the mesh has its own tests, in network namespaces.
+            .env("KITH_MESH_ENABLED", "false")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).expect("log file"));
@@ -172,35 +165,6 @@ impl Drop for Agent {
     }
 }
 
-/// One HTTP/1.1 exchange on a fresh connection: (status, headers, body).
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
-    }
-
-    /// The OpenAI error code, asserting the error's shape.
-    fn error_code(&self) -> String {
-        let v = self.json();
-        let e = &v["error"];
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-        assert!(e["type"].is_string(), "{v}");
-        e["code"].as_str().unwrap_or("").to_string()
-    }
-}
-
 fn http(
     addr: SocketAddr,
     method: &str,
@@ -208,34 +172,8 @@ fn http(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Answer {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120)))
-        .expect("timeout");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(ct) = content_type {
-        req.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).expect("write head");
-    // A server may answer (413) before reading a large body; ignore write errors then.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    Answer {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
+    let s = TcpStream::connect(addr).expect("connect");
+    exchange(s, method, path, content_type, body)
 }
 
 fn post_json(addr: SocketAddr, path: &str, body: &Value) -> Answer {
@@ -254,42 +192,7 @@ fn chat(content: &str, max_tokens: u32) -> Value {
 
 /// Opens a streaming chat request and returns the reader positioned after the headers.
 fn open_stream(addr: SocketAddr, body: &Value) -> BufReader<TcpStream> {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    let body = body.to_string();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
-    loop {
-        line.clear();
-        r.read_line(&mut line).expect("header");
-        if line == "\r\n" {
-            break;
-        }
-    }
-    r
-}
-
-/// The next SSE `data:` payload of a chunked stream, or None at its end.
-fn next_data(r: &mut BufReader<TcpStream>) -> Option<String> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if let Some(data) = line.trim_end().strip_prefix("data: ") {
-            return Some(data.to_string());
-        }
-    }
+    open_stream_on(TcpStream::connect(addr).expect("connect"), body)
 }
 
 const BASE_CONFIG: &str = "[models]\nqueue_depth = 4\n";
