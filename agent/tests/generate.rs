@@ -6,22 +6,12 @@
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-fn models() -> PathBuf {
-    let dir = std::env::var_os("KITH_MODELS_DIR")
-        .map(PathBuf::from)
-        .expect("KITH_MODELS_DIR is not set: run the README's test command");
-    assert!(
-        dir.join("smollm2-135m/model.onnx").exists(),
-        "smollm2-135m is not installed in {}",
-        dir.display()
-    );
-    dir
-}
+mod support;
+use support::models_dir as models;
 
 fn kith<S: AsRef<OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kith"))

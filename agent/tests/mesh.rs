@@ -296,6 +296,45 @@ impl Drop for Node {
     }
 }
 
+/// The scenario's LAN, one scenario at a time (each runs three or four
+/// processes on two cores); `None`, after a loud SKIPPED, when not root.
+fn scenario(test: &str, hosts: usize) -> Option<(std::sync::MutexGuard<'static, ()>, Lan)> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    Lan::new(test, hosts).map(|lan| (serial, lan))
+}
+
+/// Waits until every node serves and all of them are connected through
+/// broker `broker` and see each other alive.
+fn mesh_up(lan: &Lan, nodes: &[&Node], broker: &str) {
+    for n in nodes {
+        n.wait_serving(lan);
+    }
+    let all: Vec<String> = nodes.iter().map(|n| n.peers(lan).to_string()).collect();
+    assert!(
+        converged(lan, nodes, broker, Duration::from_secs(10)),
+        "no convergence on {broker}:\n{}",
+        all.join("\n")
+    );
+}
+
+/// Asks `node` a question it can only answer with the model, and checks
+/// that node `by` answered it, correctly.
+fn answered_by(lan: &Lan, node: &Node, by: &str) {
+    let a = node.post(lan, &chat("What is the capital of France?", 12));
+    assert_eq!(
+        (a.status, a.header("x-kith-node").as_deref()),
+        (200, Some(by)),
+        "{}\n{}",
+        a.body,
+        node.log()
+    );
+    let text = a.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(text.contains("Paris"), "{text}");
+}
+
 /// Calls `f` every 100 ms until it is true or `limit` passes.
 fn poll(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -340,8 +379,7 @@ fn converged(lan: &Lan, nodes: &[&Node], broker: &str, limit: Duration) -> bool 
 #[test]
 fn three_nodes_find_each_other_agree_on_one_broker_and_the_node_without_the_model_is_answered_by_one_with_it()
  {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("three_nodes_find_each_other", 3) else {
+    let Some((_serial, lan)) = scenario("three_nodes_find_each_other", 3) else {
         return;
     };
     // Docker's bridge on the Jetson: kith must never advertise it.
@@ -477,8 +515,7 @@ fn three_nodes_find_each_other_agree_on_one_broker_and_the_node_without_the_mode
 
 #[test]
 fn a_busy_node_hands_the_request_to_an_idle_peer_with_the_same_model() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("a_busy_node_hands_the_request", 2) else {
+    let Some((_serial, lan)) = scenario("a_busy_node_hands_the_request", 2) else {
         return;
     };
     let a = Node::start(
@@ -537,8 +574,7 @@ fn a_busy_node_hands_the_request_to_an_idle_peer_with_the_same_model() {
 #[test]
 fn killing_the_serving_node_retries_before_the_first_token_errors_cleanly_after_and_a_restarted_node_rejoins()
  {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("killing_the_serving_node", 3) else {
+    let Some((_serial, lan)) = scenario("killing_the_serving_node", 3) else {
         return;
     };
     let pi = Node::start(&lan, 0, "n1", false, "");
@@ -556,15 +592,7 @@ fn killing_the_serving_node_retries_before_the_first_token_errors_cleanly_after_
         true,
         "[models]\npreload = [\"smollm2-135m\"]\n",
     );
-    for n in [&pi, &n2, &n3] {
-        n.wait_serving(&lan);
-    }
-    assert!(converged(
-        &lan,
-        &[&pi, &n2, &n3],
-        "n1",
-        Duration::from_secs(10)
-    ));
+    mesh_up(&lan, &[&pi, &n2, &n3], "n1");
 
     // n2 (first by rank: same load, lower id) freezes, then dies, with the
     // request on its way: the Pi retries on n3 before any token.
@@ -644,13 +672,7 @@ fn killing_the_serving_node_retries_before_the_first_token_errors_cleanly_after_
         "{}",
         pi.peers(&lan)
     );
-    let a = pi.post(&lan, &chat("What is the capital of France?", 12));
-    assert_eq!(
-        (a.status, a.header("x-kith-node").as_deref()),
-        (200, Some("n2")),
-        "{}",
-        a.body
-    );
+    answered_by(&lan, &pi, "n2");
     assert!(
         pi.log().contains("peer"),
         "the Pi's log tells what happened"
@@ -659,22 +681,13 @@ fn killing_the_serving_node_retries_before_the_first_token_errors_cleanly_after_
 
 #[test]
 fn when_the_broker_host_dies_the_others_move_to_the_next_lowest_id() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("when_the_broker_host_dies", 3) else {
+    let Some((_serial, lan)) = scenario("when_the_broker_host_dies", 3) else {
         return;
     };
     let mut n1 = Node::start(&lan, 0, "n1", false, "");
     let n2 = Node::start(&lan, 1, "n2", false, "");
     let n3 = Node::start(&lan, 2, "n3", true, "");
-    for n in [&n1, &n2, &n3] {
-        n.wait_serving(&lan);
-    }
-    assert!(converged(
-        &lan,
-        &[&n1, &n2, &n3],
-        "n1",
-        Duration::from_secs(10)
-    ));
+    mesh_up(&lan, &[&n1, &n2, &n3], "n1");
     n1.kill();
     let t = Instant::now();
     assert!(
@@ -686,13 +699,7 @@ fn when_the_broker_host_dies_the_others_move_to_the_next_lowest_id() {
     eprintln!("broker moved to n2 in {:?}", t.elapsed());
     assert_eq!(n2.peers(&lan)["broker"]["hosted_here"], true);
     // The mesh works through the new broker.
-    let a = n2.post(&lan, &chat("What is the capital of France?", 12));
-    assert_eq!(
-        (a.status, a.header("x-kith-node").as_deref()),
-        (200, Some("n3")),
-        "{}",
-        a.body
-    );
+    answered_by(&lan, &n2, "n3");
 }
 
 /// Publishes `payload` on `topic` through the broker at `broker`, from `host`.
@@ -711,8 +718,7 @@ fn publish(lan: &Lan, host: usize, broker: &str, topic: &str, payload: &[u8]) ->
 #[test]
 fn garbage_truncated_misplaced_and_oversized_payloads_on_kith_topics_are_dropped_and_the_node_keeps_serving()
  {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("garbage_payloads", 2) else {
+    let Some((_serial, lan)) = scenario("garbage_payloads", 2) else {
         return;
     };
     let n1 = Node::start(&lan, 0, "n1", false, "");
@@ -793,13 +799,7 @@ fn garbage_truncated_misplaced_and_oversized_payloads_on_kith_topics_are_dropped
         n2.log()
     );
     // Nothing broke: both still serve, and delegation still works.
-    let a = n1.post(&lan, &chat("What is the capital of France?", 12));
-    assert_eq!(
-        (a.status, a.header("x-kith-node").as_deref()),
-        (200, Some("n2")),
-        "{}",
-        a.body
-    );
+    answered_by(&lan, &n1, "n2");
     assert!(
         peer(&n1.peers(&lan), "n9").is_none(),
         "a truncated state made no peer"
@@ -850,8 +850,7 @@ impl Drop for Mosquitto {
 
 #[test]
 fn with_an_external_mosquitto_the_mesh_delegates_detects_a_dead_node_and_takes_it_back() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("external_mosquitto", 4) else {
+    let Some((_serial, lan)) = scenario("external_mosquitto", 4) else {
         return;
     };
     let _mosquitto = Mosquitto::start(&lan, 3, 1883, "");
@@ -868,13 +867,7 @@ fn with_an_external_mosquitto_the_mesh_delegates_detects_a_dead_node_and_takes_i
         Duration::from_secs(10)
     ));
     assert_eq!(pi.peers(&lan)["broker"]["kind"], "configured");
-    let a = pi.post(&lan, &chat("What is the capital of France?", 12));
-    assert_eq!(
-        (a.status, a.header("x-kith-node").as_deref()),
-        (200, Some("jetson")),
-        "{}",
-        a.body
-    );
+    answered_by(&lan, &pi, "jetson");
     // Killed: Mosquitto sends its last will, the Pi knows within seconds.
     jetson.kill();
     let t = Instant::now();
@@ -898,13 +891,7 @@ fn with_an_external_mosquitto_the_mesh_delegates_detects_a_dead_node_and_takes_i
         &pi.peers(&lan),
         "jetson"
     )));
-    let a = pi.post(&lan, &chat("What is the capital of France?", 12));
-    assert_eq!(
-        (a.status, a.header("x-kith-node").as_deref()),
-        (200, Some("jetson")),
-        "{}",
-        a.body
-    );
+    answered_by(&lan, &pi, "jetson");
 }
 
 /// A CA, a server certificate for `server_ip`, and a client certificate, made by openssl.
@@ -926,8 +913,7 @@ chmod 644 *.key",
 
 #[test]
 fn mqtt_over_tls_needs_a_client_certificate_when_mosquitto_requires_one() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("mqtt_over_tls", 3) else {
+    let Some((_serial, lan)) = scenario("mqtt_over_tls", 3) else {
         return;
     };
     let pki = tempfile::tempdir().expect("tempdir");
@@ -984,8 +970,7 @@ fn mqtt_over_tls_needs_a_client_certificate_when_mosquitto_requires_one() {
 /// (its state is cleared at once, no timeout needed).
 #[test]
 fn a_node_stopped_with_sigterm_leaves_the_mesh_at_once() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("sigterm_leaves", 2) else {
+    let Some((_serial, lan)) = scenario("sigterm_leaves", 2) else {
         return;
     };
     let n1 = Node::start(&lan, 0, "n1", false, "");
@@ -1037,23 +1022,14 @@ fn latencies(lan: &Lan, node: &Node, body: &Value, n: usize) -> Vec<f64> {
 #[test]
 #[ignore = "benchmark: benches/mesh.sh runs it"]
 fn mesh_figures() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("mesh_figures", 3) else {
+    let Some((_serial, lan)) = scenario("mesh_figures", 3) else {
         return;
     };
     let serve = "[models]\necho = true\npreload = [\"smollm2-135m\"]\n";
     let n1 = Node::start(&lan, 0, "n1", false, "");
     let mut n2 = Node::start(&lan, 1, "n2", true, serve);
     let n3 = Node::start(&lan, 2, "n3", true, serve);
-    for n in [&n1, &n2, &n3] {
-        n.wait_serving(&lan);
-    }
-    assert!(converged(
-        &lan,
-        &[&n1, &n2, &n3],
-        "n1",
-        Duration::from_secs(10)
-    ));
+    mesh_up(&lan, &[&n1, &n2, &n3], "n1");
     for n in [&n1, &n2, &n3] {
         println!(
             "time to first peer, {}: {} ms",
@@ -1175,8 +1151,7 @@ fn advertise_mqtt(lan: &Lan, host: usize, port: u16) -> mdns_sd::ServiceDaemon {
 
 #[test]
 fn a_broker_advertised_on_the_lan_as_mqtt_tcp_is_used_instead_of_hosting_one() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lan) = Lan::new("lan_broker", 3) else {
+    let Some((_serial, lan)) = scenario("lan_broker", 3) else {
         return;
     };
     let _mosquitto = Mosquitto::start(&lan, 2, 1883, "");
@@ -1204,11 +1179,5 @@ fn a_broker_advertised_on_the_lan_as_mqtt_tcp_is_used_instead_of_hosting_one() {
             "{b}"
         );
     }
-    let a = pi.post(&lan, &chat("What is the capital of France?", 12));
-    assert_eq!(
-        (a.status, a.header("x-kith-node").as_deref()),
-        (200, Some("jetson")),
-        "{}",
-        a.body
-    );
+    answered_by(&lan, &pi, "jetson");
 }
