@@ -303,6 +303,43 @@ fn scenario(test: &str, hosts: usize) -> Option<(std::sync::MutexGuard<'static, 
     Lan::new(test, hosts).map(|lan| (serial, lan))
 }
 
+/// Streams a long answer from `asker`, kills `victim` (the node running it)
+/// after a few chunks, and checks that the stream ends with an error event
+/// and `[DONE]` soon after; returns how soon.
+fn killed_mid_stream(lan: &Lan, asker: &Node, victim: &mut Node) -> Duration {
+    let mut r = asker.stream(
+        lan,
+        &json!({"model": MODEL, "stream": true, "max_tokens": 400, "temperature": 0.7, "seed": 3,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}),
+    );
+    for _ in 0..4 {
+        assert!(next_data(&mut r).is_some());
+    }
+    let killed = Instant::now();
+    victim.kill();
+    let mut error = None;
+    let mut done = false;
+    while let Some(d) = next_data(&mut r) {
+        if d == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(&d).expect("chunk");
+        if v.get("error").is_some() {
+            error = Some(v);
+        }
+    }
+    let ended = killed.elapsed();
+    let error = error.expect("an error event");
+    assert!(done, "the stream ends with [DONE]");
+    assert_eq!(error["error"]["code"], "mesh_unavailable", "{error}");
+    assert!(
+        ended < Duration::from_secs(6),
+        "the stream ended {ended:?} after the kill"
+    );
+    ended
+}
+
 /// Waits until every node serves and all of them are connected through
 /// broker `broker` and see each other alive.
 fn mesh_up(lan: &Lan, nodes: &[&Node], broker: &str) {
@@ -438,6 +475,29 @@ fn three_nodes_find_each_other_agree_on_one_broker_and_the_node_without_the_mode
             .to_string()
             .contains(MODEL),
         "{seen}"
+    );
+
+    // The Pi lists the models its peers serve (and `auto`): it answers for them.
+    let listed = pi.get(&lan, "/v1/models").json();
+    let model = listed["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|m| m["id"] == MODEL))
+        .unwrap_or_else(|| panic!("{listed}"));
+    let mut nodes: Vec<&str> = model["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, ["n2-jetson", "n3-box"], "{listed}");
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "auto"),
+        "{listed}"
     );
 
     // The Pi has no model: the request is answered by a node that has it.
@@ -630,36 +690,7 @@ fn killing_the_serving_node_retries_before_the_first_token_errors_cleanly_after_
 
     // Mid-answer, the only node with the model dies: the stream ends with
     // an error event and [DONE], not a hang.
-    let mut r = pi.stream(
-        &lan,
-        &json!({"model": MODEL, "stream": true, "max_tokens": 400, "temperature": 0.7, "seed": 3,
-        "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}),
-    );
-    for _ in 0..4 {
-        assert!(next_data(&mut r).is_some());
-    }
-    let killed = Instant::now();
-    n3.kill();
-    let mut error = None;
-    let mut done = false;
-    while let Some(d) = next_data(&mut r) {
-        if d == "[DONE]" {
-            done = true;
-            break;
-        }
-        let v: Value = serde_json::from_str(&d).expect("chunk");
-        if v.get("error").is_some() {
-            error = Some(v);
-        }
-    }
-    let ended = killed.elapsed();
-    let error = error.expect("an error event");
-    assert!(done, "the stream ends with [DONE]");
-    assert_eq!(error["error"]["code"], "mesh_unavailable", "{error}");
-    assert!(
-        ended < Duration::from_secs(6),
-        "the stream ended {ended:?} after the kill"
-    );
+    killed_mid_stream(&lan, &pi, &mut n3);
 
     // n2 comes back with the same name: the Pi sees it again and uses it.
     let n2b = Node::start(&lan, 1, "n2", true, "");
@@ -868,8 +899,10 @@ fn with_an_external_mosquitto_the_mesh_delegates_detects_a_dead_node_and_takes_i
     ));
     assert_eq!(pi.peers(&lan)["broker"]["kind"], "configured");
     answered_by(&lan, &pi, "jetson");
-    // Killed: Mosquitto sends its last will, the Pi knows within seconds.
-    jetson.kill();
+    // Killed mid-answer: Mosquitto sends its last will, the stream ends
+    // with an error event, and the Pi knows the Jetson is dead.
+    let ended = killed_mid_stream(&lan, &pi, &mut jetson);
+    eprintln!("stream ended {ended:?} after the kill, through Mosquitto");
     let t = Instant::now();
     assert!(poll(Duration::from_secs(5), || peer(
         &pi.peers(&lan),

@@ -416,7 +416,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 fn model_object(id: &str, task: &str, loaded: bool) -> serde_json::Value {
     serde_json::json!({
         "id": id, "object": "model", "created": 0, "owned_by": "kith",
-        "task": task, "loaded": loaded,
+        "task": task, "loaded": loaded, "nodes": ["local"],
     })
 }
 
@@ -437,6 +437,32 @@ fn installed_models(state: &AppState) -> Vec<serde_json::Value> {
         .collect();
     if state.config.models.echo {
         data.push(model_object("echo", "echo", true));
+    }
+    // Models peers serve: this node answers for them too (by delegation).
+    if let Some(mesh) = state.mesh().filter(|m| m.config.delegate) {
+        for (peer, m) in mesh.peer_models() {
+            let name = m.name.as_str();
+            match data.iter_mut().find(|d| d["id"] == name) {
+                Some(d) => {
+                    if let Some(nodes) = d["nodes"].as_array_mut() {
+                        nodes.push(peer.into());
+                    }
+                }
+                None => {
+                    let mut o = model_object(name, "text-generation", m.loaded);
+                    o["nodes"] = serde_json::json!([peer]);
+                    data.push(o);
+                }
+            }
+        }
+    }
+    let text = data.iter().any(|d| d["task"] == "text-generation");
+    if text {
+        let mut auto = model_object("auto", "text-generation", true);
+        auto["description"] =
+            "the smallest text model for short requests, the largest in the mesh for long ones"
+                .into();
+        data.push(auto);
     }
     data
 }

@@ -440,7 +440,7 @@ fn auto(
             (n, size)
         })
         .collect();
-    for m in mesh.map(|m| m.peer_text_models()).unwrap_or_default() {
+    for (_, m) in mesh.map(|m| m.peer_models()).unwrap_or_default() {
         if m.name.as_str() != "echo" && !models.iter().any(|(n, _)| n == m.name.as_str()) {
             models.push((m.name.to_string(), m.size_mb));
         }

@@ -200,14 +200,19 @@ impl Mesh {
             .collect()
     }
 
-    /// Every text model peers serve now.
-    pub fn peer_text_models(&self) -> Vec<ModelState> {
+    /// (peer, model) for every text model peers serve now.
+    pub fn peer_models(&self) -> Vec<(String, ModelState)> {
         let Ok(peers) = self.peers.lock() else {
             return Vec::new();
         };
         peers
             .alive()
-            .flat_map(|(_, s)| s.models.iter().filter(|m| m.task == Task::Text).cloned())
+            .flat_map(|(p, s)| {
+                s.models
+                    .iter()
+                    .filter(|m| m.task == Task::Text)
+                    .map(|m| (p.id.clone(), m.clone()))
+            })
             .collect()
     }
 
