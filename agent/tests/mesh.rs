@@ -672,7 +672,10 @@ fn killing_the_serving_node_retries_before_the_first_token_errors_cleanly_after_
             )
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Once the job is on its way to n2 (frozen, it cannot accept), n2 dies.
+    assert!(poll(Duration::from_secs(5), || pi
+        .metric(&lan, "kith_mesh_delegations_in_flight")
+        == 1.0));
     n2.kill();
     let a = pending.join().expect("request thread");
     assert_eq!(a.status, 200, "{}\n{}", a.body, pi.log());

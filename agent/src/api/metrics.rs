@@ -187,6 +187,12 @@ fn write_metrics(state: &AppState, out: &mut String) -> std::fmt::Result {
                 mesh.alive_count() as u64,
             ),
             (
+                "kith_mesh_delegations_in_flight",
+                "Requests sent to a peer and not yet finished there.",
+                "gauge",
+                mesh.delegations_in_flight() as u64,
+            ),
+            (
                 "kith_mesh_broker_connected",
                 "1 while connected to the MQTT broker.",
                 "gauge",

@@ -10,7 +10,8 @@
 //!   + round trip (peers only)
 //! ```
 //!
-//! A node whose queue is full is not a candidate. A peer must beat this
+//! A node not measured yet is assumed as fast as this one. A node whose
+//! queue is full is not a candidate. A peer must beat this
 //! node by 10 % and 50 ms: ties stay local. A delegated request goes one
 //! hop: jobs received from peers always run locally.
 
@@ -63,15 +64,16 @@ impl From<&ModelState> for Load {
 }
 
 /// Estimated seconds to finish a request of `prompt` + `max_tokens` tokens;
-/// `None` when the queue is full.
-pub fn eta(load: &Load, prompt: u32, max_tokens: u32, rtt: Duration) -> Option<f64> {
+/// `None` when the queue is full. `prior` is the speed assumed where none
+/// is measured yet.
+pub fn eta(load: &Load, prompt: u32, max_tokens: u32, rtt: Duration, prior: f64) -> Option<f64> {
     if load.queued >= load.capacity {
         return None;
     }
     let tps = if load.decode_tps > 0.0 {
         load.decode_tps
     } else {
-        ASSUMED_TPS
+        prior
     };
     let job = if load.service_s > 0.0 {
         load.service_s
@@ -104,12 +106,19 @@ pub fn rank(
     prompt: u32,
     max_tokens: u32,
 ) -> Vec<Route> {
+    // A node not measured yet is assumed as fast as this one (same model),
+    // not faster: an optimistic guess would pull work to unknown nodes.
+    let prior = local
+        .as_ref()
+        .map(|l| l.decode_tps)
+        .filter(|t| *t > 0.0)
+        .unwrap_or(ASSUMED_TPS);
     let local_eta = local
         .as_ref()
-        .and_then(|l| eta(l, prompt, max_tokens, Duration::ZERO));
+        .and_then(|l| eta(l, prompt, max_tokens, Duration::ZERO, prior));
     let mut peer_etas: Vec<(f64, &String)> = peers
         .iter()
-        .filter_map(|(id, l, rtt)| eta(l, prompt, max_tokens, *rtt).map(|e| (e, id)))
+        .filter_map(|(id, l, rtt)| eta(l, prompt, max_tokens, *rtt, prior).map(|e| (e, id)))
         .collect();
     peer_etas.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)));
     let mut routes = Vec::new();
@@ -695,12 +704,12 @@ mod tests {
 
     #[test]
     fn an_idle_node_answers_sooner_than_a_busy_one() {
-        let idle = eta(&load(0, false, 25.0), 20, 50, Duration::ZERO).unwrap();
-        let busy = eta(&load(2, true, 25.0), 20, 50, Duration::ZERO).unwrap();
+        let idle = eta(&load(0, false, 25.0), 20, 50, Duration::ZERO, 20.0).unwrap();
+        let busy = eta(&load(2, true, 25.0), 20, 50, Duration::ZERO, 20.0).unwrap();
         assert!(idle < busy);
         assert!((busy - idle - 12.0).abs() < 1e-9, "three jobs of 4 s ahead");
         assert_eq!(
-            eta(&load(4, true, 25.0), 20, 50, Duration::ZERO),
+            eta(&load(4, true, 25.0), 20, 50, Duration::ZERO, 20.0),
             None,
             "full queue"
         );
@@ -753,6 +762,23 @@ mod tests {
         assert_eq!(
             rank(Some(load(4, true, 25.0)), &[], 20, 50),
             vec![Route::Local]
+        );
+    }
+
+    #[test]
+    fn an_unmeasured_peer_is_assumed_as_fast_as_this_node_not_faster() {
+        // This node measured 8 tok/s (a slow board, or a loaded one); the peer
+        // has not served yet. A constant guess of 20 tok/s would send every
+        // long request to the unknown node.
+        let unmeasured = Load {
+            decode_tps: 0.0,
+            service_s: 0.0,
+            ..load(0, false, 0.0)
+        };
+        let peers = vec![("new".to_string(), unmeasured, Duration::from_millis(5))];
+        assert_eq!(
+            rank(Some(load(0, false, 8.0)), &peers, 20, 400)[0],
+            Route::Local
         );
     }
 

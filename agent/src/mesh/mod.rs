@@ -256,6 +256,11 @@ impl Mesh {
         })
     }
 
+    /// Requests sent to peers and not yet finished (for metrics).
+    pub fn delegations_in_flight(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
     /// Peers alive now (for metrics).
     pub fn alive_count(&self) -> usize {
         self.peers.lock().map(|p| p.alive().count()).unwrap_or(0)
