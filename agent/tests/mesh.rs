@@ -654,6 +654,14 @@ fn killing_the_serving_node_retries_before_the_first_token_errors_cleanly_after_
     );
     mesh_up(&lan, &[&pi, &n2, &n3], "n1");
 
+    // Still all up a state interval later (no churn from the start-up).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(converged(
+        &lan,
+        &[&pi, &n2, &n3],
+        "n1",
+        Duration::from_secs(5)
+    ));
     // n2 (first by rank: same load, lower id) freezes, then dies, with the
     // request on its way: the Pi retries on n3 before any token.
     n2.signal("STOP");

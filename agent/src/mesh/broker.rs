@@ -300,12 +300,22 @@ async fn serve(
         }
     }
     .await;
-    if let Ok(mut s) = shared.lock()
-        && s.clients.get(&client_id).is_some_and(|c| c.conn == conn)
-    {
-        s.clients.remove(&client_id);
+    // A newer connection with the same client id took this one over: the
+    // client is alive, so its will must not declare it dead.
+    let mut taken_over = false;
+    if let Ok(mut s) = shared.lock() {
+        match s.clients.get(&client_id) {
+            Some(c) if c.conn == conn => {
+                s.clients.remove(&client_id);
+            }
+            Some(_) => taken_over = true,
+            None => {}
+        }
     }
-    if !clean && let Some(will) = will {
+    if !clean
+        && !taken_over
+        && let Some(will) = will
+    {
         let mut p = Publish::new(
             will.topic,
             will.qos.min_qos(QoS::AtLeastOnce),
@@ -500,6 +510,59 @@ mod tests {
                 .flatten()
                 .is_none()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_taken_over_by_the_same_client_id_does_not_send_its_will() {
+        let broker = Broker::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (w, mut w_loop) = client(broker.addr, "watcher", None).await;
+        w.subscribe("kith/v1/nodes/+/state", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        until_suback(&mut w_loop).await;
+        let will = || {
+            Some(LastWill::new(
+                "kith/v1/nodes/a/state",
+                Vec::<u8>::new(),
+                rumqttc::QoS::AtLeastOnce,
+                true,
+            ))
+        };
+        let (_a1, mut a1_loop) = client(broker.addr, "a", will()).await;
+        let first = tokio::spawn(async move {
+            for _ in 0..50 {
+                if a1_loop.poll().await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (a2, mut a2_loop) = client(broker.addr, "a", will()).await;
+        a2.publish(
+            "kith/v1/nodes/a/state",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            b"up".to_vec(),
+        )
+        .await
+        .unwrap();
+        let second = tokio::spawn(async move {
+            for _ in 0..50 {
+                if a2_loop.poll().await.is_err() {
+                    break;
+                }
+            }
+        });
+        let p = next_publish(&mut w_loop).await.expect("the new state");
+        assert_eq!(&p.payload[..], b"up");
+        // The first connection is closed by the takeover; no empty will follows.
+        let after = tokio::time::timeout(Duration::from_millis(700), next_publish(&mut w_loop))
+            .await
+            .ok()
+            .flatten();
+        assert!(after.is_none(), "unexpected {after:?}");
+        first.abort();
+        second.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
