@@ -420,6 +420,27 @@ mod tests {
         .flatten()
     }
 
+    /// A client with the state topic's will (an empty retained payload).
+    fn will() -> Option<LastWill> {
+        Some(LastWill::new(
+            "kith/v1/nodes/a/state",
+            Vec::<u8>::new(),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+        ))
+    }
+
+    /// Polls an event loop in the background until it fails (at most 50 events).
+    fn drive(mut el: rumqttc::EventLoop) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                if el.poll().await.is_err() {
+                    break;
+                }
+            }
+        })
+    }
+
     async fn until_suback(el: &mut rumqttc::EventLoop) {
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
             loop {
@@ -435,13 +456,7 @@ mod tests {
     async fn retained_messages_wildcards_and_wills() {
         let broker = Broker::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
         // A publisher with a will leaves a retained state, then dies.
-        let will = LastWill::new(
-            "kith/v1/nodes/a/state",
-            Vec::<u8>::new(),
-            rumqttc::QoS::AtLeastOnce,
-            true,
-        );
-        let (a, mut a_loop) = client(broker.addr, "a", Some(will)).await;
+        let (a, a_loop) = client(broker.addr, "a", will()).await;
         a.publish(
             "kith/v1/nodes/a/state",
             rumqttc::QoS::AtLeastOnce,
@@ -450,13 +465,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let a_task = tokio::spawn(async move {
-            for _ in 0..20 {
-                if a_loop.poll().await.is_err() {
-                    break;
-                }
-            }
-        });
+        let a_task = drive(a_loop);
         tokio::time::sleep(Duration::from_millis(300)).await;
         // A late subscriber gets the retained state, flagged retained.
         let (b, mut b_loop) = client(broker.addr, "b", None).await;
@@ -520,24 +529,10 @@ mod tests {
             .await
             .unwrap();
         until_suback(&mut w_loop).await;
-        let will = || {
-            Some(LastWill::new(
-                "kith/v1/nodes/a/state",
-                Vec::<u8>::new(),
-                rumqttc::QoS::AtLeastOnce,
-                true,
-            ))
-        };
-        let (_a1, mut a1_loop) = client(broker.addr, "a", will()).await;
-        let first = tokio::spawn(async move {
-            for _ in 0..50 {
-                if a1_loop.poll().await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (_a1, a1_loop) = client(broker.addr, "a", will()).await;
+        let first = drive(a1_loop);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (a2, mut a2_loop) = client(broker.addr, "a", will()).await;
+        let (a2, a2_loop) = client(broker.addr, "a", will()).await;
         a2.publish(
             "kith/v1/nodes/a/state",
             rumqttc::QoS::AtLeastOnce,
@@ -546,13 +541,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let second = tokio::spawn(async move {
-            for _ in 0..50 {
-                if a2_loop.poll().await.is_err() {
-                    break;
-                }
-            }
-        });
+        let second = drive(a2_loop);
         let p = next_publish(&mut w_loop).await.expect("the new state");
         assert_eq!(&p.payload[..], b"up");
         // The first connection is closed by the takeover; no empty will follows.
