@@ -186,18 +186,9 @@ impl Mesh {
 
     /// Peers alive on MQTT that serve text model `model`, with its state there.
     pub fn peers_with(&self, model: &str) -> Vec<(String, ModelState)> {
-        let Ok(peers) = self.peers.lock() else {
-            return Vec::new();
-        };
-        peers
-            .alive()
-            .filter_map(|(p, s)| {
-                s.models
-                    .iter()
-                    .find(|m| m.name.as_str() == model && m.task == Task::Text)
-                    .map(|m| (p.id.clone(), m.clone()))
-            })
-            .collect()
+        let mut found = self.peer_models();
+        found.retain(|(_, m)| m.name.as_str() == model);
+        found
     }
 
     /// (peer, model) for every text model peers serve now.
