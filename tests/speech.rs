@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kith::catalog::Catalog;
-use kith::listen::{self, ListenOptions};
+use kith::listen::{self, ListenEvent, ListenOptions};
 use kith::store::ModelStore;
 use kith_hal::WavSource;
 
@@ -57,11 +57,13 @@ fn heard(text: &str) -> Vec<BTreeSet<String>> {
             let mut source = WavSource::open(&wav).expect("espeak wav opens");
             pipeline.reset().expect("reset");
             let mut fired = BTreeSet::new();
-            listen::run(&mut pipeline, &mut source, 1000, &mut |e| {
-                fired.insert(match e.label {
-                    Some(l) => format!("{}:{l}", e.model),
-                    None => e.model,
-                });
+            listen::run(&mut pipeline, None, &mut source, 1000, &mut |e| {
+                if let ListenEvent::Wake(e) = e {
+                    fired.insert(match e.label {
+                        Some(l) => format!("{}:{l}", e.model),
+                        None => e.model,
+                    });
+                }
             })
             .expect("listen");
             fired
@@ -147,8 +149,10 @@ fn a_timer_command_after_other_phrases_is_labelled_by_its_duration() {
     );
     let mut source = WavSource::open(&wav).expect("wav");
     let mut heard = Vec::new();
-    listen::run(&mut pipeline, &mut source, 1000, &mut |e| {
-        heard.push((e.model, e.label))
+    listen::run(&mut pipeline, None, &mut source, 1000, &mut |e| {
+        if let ListenEvent::Wake(e) = e {
+            heard.push((e.model, e.label))
+        }
     })
     .expect("listen");
     let expected = [

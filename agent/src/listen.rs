@@ -1,10 +1,14 @@
 //! `kith listen`: an audio source through the wake-word pipeline, one event
-//! per detection.
+//! per detection; with an intent model, the command after each wake word
+//! is captured until the speaker stops (VAD) and understood: one `intent`
+//! event per command.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kith_hal::AudioSource;
+use kith_models::intent::{CommandFront, FEATURES, IntentModel};
 use kith_models::{
     CHUNK_SAMPLES, Detection, EmbeddingMode, SpeechFrontEnd, Vad, WakeHead, WakeWordPipeline,
 };
@@ -25,6 +29,34 @@ pub struct ListenOptions {
     pub vad_threshold: Option<f32>,
     /// Streaming (cheaper, 80 ms later) or windowed (openWakeWord's) embedding.
     pub embedding: EmbeddingMode,
+    /// After a wake word, understand the command with this intent model.
+    pub intent: Option<PathBuf>,
+    /// How a command is cut.
+    pub command: CommandOptions,
+}
+
+/// How the command after a wake word is captured.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandOptions {
+    /// VAD score at or above which a chunk is speech.
+    pub vad_threshold: f32,
+    /// Silence after speech that ends the command.
+    pub end_silence_ms: u32,
+    /// A command is cut after this long, speech or not.
+    pub max_ms: u32,
+    /// Give up if no speech starts within this long of the wake word.
+    pub no_speech_ms: u32,
+}
+
+impl Default for CommandOptions {
+    fn default() -> Self {
+        CommandOptions {
+            vad_threshold: 0.5,
+            end_silence_ms: 640,
+            max_ms: 6000,
+            no_speech_ms: 3000,
+        }
+    }
 }
 
 impl Default for ListenOptions {
@@ -35,6 +67,8 @@ impl Default for ListenOptions {
             refractory_ms: 2000,
             vad_threshold: None,
             embedding: EmbeddingMode::default(),
+            intent: None,
+            command: CommandOptions::default(),
         }
     }
 }
@@ -62,6 +96,178 @@ impl WakeEvent {
             label,
             score,
         }
+    }
+}
+
+/// One `intent` event: what the command after a wake word meant.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct IntentEvent {
+    /// When the command ended (ms into the stream).
+    pub t_ms: u64,
+    pub event: &'static str,
+    /// The wake word that opened the command.
+    pub wake: String,
+    pub understood: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    /// What ended the capture: `silence`, `timeout`, `no speech`, `end of audio`.
+    pub ended_by: &'static str,
+    /// From the end of the command to this event: the intent network and
+    /// the last chunks of features.
+    pub latency_ms: f64,
+}
+
+/// An event of `kith listen`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum ListenEvent {
+    Wake(WakeEvent),
+    Intent(IntentEvent),
+}
+
+/// A command being captured.
+struct Capture {
+    wake: String,
+    /// Audio since the wake word, ms.
+    elapsed_ms: u32,
+    speech_seen: bool,
+    /// Non-speech since the last speech, ms.
+    silence_ms: u32,
+}
+
+/// Captures and understands the command after a wake word.
+pub struct CommandListener {
+    front: CommandFront,
+    model: IntentModel,
+    vad: Vad,
+    opts: CommandOptions,
+    capture: Option<Capture>,
+    features: Vec<f32>,
+}
+
+/// Milliseconds per chunk.
+const CHUNK_MS: u32 = (CHUNK_SAMPLES as u32) * 1000 / kith_models::SAMPLE_RATE;
+
+impl CommandListener {
+    /// Loads the intent model in `dir` with its front end and a VAD.
+    pub fn load(store: &ModelStore, dir: &std::path::Path, opts: CommandOptions) -> Result<Self> {
+        let model = IntentModel::load(dir).with_context(|| {
+            format!(
+                "loading the intent model in {} (train one with `kith intent train`)",
+                dir.display()
+            )
+        })?;
+        let front = CommandFront::load(
+            &store.require("melspectrogram")?,
+            &store.require("embedding_model")?,
+        )
+        .context("loading the audio front end for commands")?;
+        let vad = Vad::load(&store.require("silero_vad_folded")?)
+            .context("loading the VAD (it finds the end of a command)")?;
+        Ok(CommandListener {
+            front,
+            model,
+            vad,
+            opts,
+            capture: None,
+            features: vec![0.0; FEATURES],
+        })
+    }
+
+    /// Whether a command is being captured.
+    pub fn capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    /// A wake word fired: the next chunks are the command.
+    pub fn begin(&mut self, wake: &str) -> Result<()> {
+        self.front.begin()?;
+        self.vad.reset();
+        self.capture = Some(Capture {
+            wake: wake.to_string(),
+            elapsed_ms: 0,
+            speech_seen: false,
+            silence_ms: 0,
+        });
+        Ok(())
+    }
+
+    /// Feeds one chunk of the command; returns the event when it ended.
+    pub fn push(&mut self, chunk: &[i16], t_ms: u64) -> Result<Option<IntentEvent>> {
+        let Some(capture) = self.capture.as_mut() else {
+            return Ok(None);
+        };
+        self.front.push(chunk)?;
+        let speech = self.vad.chunk_probability(chunk)? >= self.opts.vad_threshold;
+        capture.elapsed_ms += CHUNK_MS;
+        if speech {
+            capture.speech_seen = true;
+            capture.silence_ms = 0;
+        } else if capture.speech_seen {
+            capture.silence_ms += CHUNK_MS;
+        }
+        let ended_by = if capture.speech_seen && capture.silence_ms >= self.opts.end_silence_ms {
+            Some("silence")
+        } else if capture.elapsed_ms >= self.opts.max_ms {
+            Some("timeout")
+        } else if !capture.speech_seen && capture.elapsed_ms >= self.opts.no_speech_ms {
+            Some("no speech")
+        } else {
+            None
+        };
+        match ended_by {
+            Some(why) => self.finish(why, t_ms).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Ends the capture (also at the end of the audio) and understands it.
+    pub fn finish(&mut self, ended_by: &'static str, t_ms: u64) -> Result<IntentEvent> {
+        let started = Instant::now();
+        let capture = self
+            .capture
+            .take()
+            .context("no command is being captured")?;
+        let understood = if capture.speech_seen {
+            self.front.finish(&mut self.features)?;
+            Some(self.model.infer(&self.features)?)
+        } else {
+            None
+        };
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut event = IntentEvent {
+            t_ms,
+            event: "intent",
+            wake: capture.wake,
+            understood: false,
+            intent: None,
+            slots: None,
+            score: None,
+            ended_by: if capture.speech_seen {
+                ended_by
+            } else {
+                "no speech"
+            },
+            latency_ms: (latency_ms * 100.0).round() / 100.0,
+        };
+        if let Some(u) = understood
+            && u.understood
+        {
+            event.understood = true;
+            event.intent = u.intent;
+            event.slots = Some(
+                u.slots
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect(),
+            );
+            event.score = Some((u.score * 10_000.0).round() / 10_000.0);
+        }
+        Ok(event)
     }
 }
 
@@ -133,16 +339,17 @@ pub fn load_pipeline(store: &ModelStore, opts: &ListenOptions) -> Result<(WakeWo
 /// error late in the stream loses none of the earlier ones.
 pub fn run(
     pipeline: &mut WakeWordPipeline,
+    mut commands: Option<&mut CommandListener>,
     source: &mut dyn AudioSource,
     pad_ms: u32,
-    on_event: &mut dyn FnMut(WakeEvent),
+    on_event: &mut dyn FnMut(ListenEvent),
 ) -> Result<ListenStats> {
     let pad = pad_ms as usize * kith_models::SAMPLE_RATE as usize / 1000;
     let lead_ms = pipeline.elapsed_ms() + u64::from(pad_ms);
     let mut chunk = [0i16; CHUNK_SAMPLES];
     let started = Instant::now();
     let start_ms = pipeline.elapsed_ms();
-    let mut emit = |d: Detection| on_event(WakeEvent::from_detection(d, lead_ms));
+    let mut woke: Option<String> = None;
     // The stream is `pad` zeros, the source, `pad` zeros, cut into chunks
     // exactly as openWakeWord cuts a padded clip.
     let mut lead = pad;
@@ -179,9 +386,33 @@ pub fn run(
             break;
         }
         chunk[filled..].fill(0);
-        pipeline.process_chunk(&chunk, &mut emit)?;
+        let capturing = commands.as_ref().is_some_and(|c| c.capturing());
+        pipeline.process_chunk(&chunk, &mut |d: Detection| {
+            // A wake word heard while a command is captured is part of it.
+            if !capturing {
+                woke.get_or_insert_with(|| d.model.clone());
+                on_event(ListenEvent::Wake(WakeEvent::from_detection(d, lead_ms)));
+            }
+        })?;
+        if let Some(c) = commands.as_deref_mut() {
+            let t_ms = pipeline.elapsed_ms().saturating_sub(lead_ms);
+            if capturing && let Some(event) = c.push(&chunk, t_ms)? {
+                on_event(ListenEvent::Intent(event));
+            }
+            if let Some(wake) = woke.take() {
+                c.begin(&wake)?;
+            }
+        }
     }
-    pipeline.flush(&mut emit);
+    pipeline.flush(&mut |d: Detection| {
+        on_event(ListenEvent::Wake(WakeEvent::from_detection(d, lead_ms)))
+    });
+    if let Some(c) = commands
+        && c.capturing()
+    {
+        let t_ms = pipeline.elapsed_ms().saturating_sub(lead_ms);
+        on_event(ListenEvent::Intent(c.finish("end of audio", t_ms)?));
+    }
     let process_ms = started.elapsed().as_secs_f64() * 1e3;
     let audio_ms = pipeline.elapsed_ms() - start_ms;
     if let Some(e) = failure {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kith::catalog::Catalog;
 use kith::config::{Config, Overrides, kith_env};
-use kith::listen::{self, ListenOptions, WakeEvent};
+use kith::listen::{self, CommandListener, ListenEvent, ListenOptions};
 use kith::store::{FetchOptions, ModelStore, Status, default_models_dir, human_bytes};
 use kith_hal::{AudioSource, WavSource};
 use kith_models::EmbeddingMode;
@@ -45,6 +45,62 @@ enum Command {
     Config(ConfigCommand),
     /// Show the peers the local node knows (from its API: GET /v1/mesh/peers)
     Peers(PeersArgs),
+    /// Speech to intent: train a model from a Rhino context grammar, run it on WAV files
+    #[command(subcommand)]
+    Intent(IntentCommand),
+}
+
+#[derive(Subcommand)]
+enum IntentCommand {
+    /// Train a speech-to-intent model from a context (Rhino YAML) with synthetic voices
+    Train {
+        /// The context grammar (Picovoice Rhino's YAML format)
+        #[arg(long, value_name = "FILE.yaml")]
+        context: PathBuf,
+        /// Directory to write the model into (created)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A directory of WAV noise recordings to mix into training clips (repeatable)
+        #[arg(long, value_name = "DIR")]
+        noise: Vec<PathBuf>,
+        /// In-grammar training sentences (each spoken once, by a random voice)
+        #[arg(long, default_value_t = 4000, value_name = "N")]
+        utterances: usize,
+        /// Held-out test sentences (each heard clean and at 24/18/12/6 dB in babble and pink noise)
+        #[arg(long, default_value_t = 200, value_name = "N")]
+        test_utterances: usize,
+        /// Passes over the training clips
+        #[arg(long, default_value_t = 30, value_name = "N")]
+        epochs: usize,
+        /// Channels of the network's convolutions
+        #[arg(long, default_value_t = 96, value_name = "N")]
+        channels: usize,
+        /// Threads for synthesis and training [default: all cores]
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Random seed: the same seed, context and machine give the same data
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Understand commands in WAV files (or directories of them)
+    Infer {
+        /// A model directory written by `kith intent train`
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// One JSON object per file: {"file","understood","intent","slots","score"}
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Check a context grammar and show its intents, slots and sample sentences
+    Check {
+        #[arg(value_name = "FILE.yaml")]
+        context: PathBuf,
+        /// Sample sentences to print
+        #[arg(long, default_value_t = 5, value_name = "N")]
+        samples: usize,
+    },
 }
 
 #[derive(Args)]
@@ -255,6 +311,16 @@ struct ListenArgs {
     /// Print load time and real-time factor as JSON on stderr at the end
     #[arg(long)]
     stats: bool,
+    /// After each wake word, understand the command with this intent model
+    /// (a directory written by `kith intent train`, e.g. models/intents/smart-home)
+    #[arg(long, value_name = "DIR")]
+    intent: Option<PathBuf>,
+    /// Silence that ends a command (VAD), with --intent
+    #[arg(long, default_value_t = 640, value_name = "MS", requires = "intent")]
+    end_silence_ms: u32,
+    /// Longest command, with --intent
+    #[arg(long, default_value_t = 6000, value_name = "MS", requires = "intent")]
+    max_command_ms: u32,
 }
 
 fn main() -> ExitCode {
@@ -323,6 +389,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => up_cmd(cli.models_dir, store.catalog().clone(), args),
         Command::Config(ConfigCommand::Init { output, force }) => config_init(output, force),
         Command::Peers(args) => peers_cmd(args),
+        Command::Intent(cmd) => intent_cmd(&store, cmd),
         Command::Config(ConfigCommand::Show { config }) => {
             let loaded = Config::load(config.as_deref(), &kith_env(), &Overrides::default())?;
             let from = loaded
@@ -331,6 +398,153 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| "built-in defaults".into());
             println!("# from {from}; environment: {:?}", loaded.env_keys);
             print!("{}", toml::to_string(&loaded.config)?);
+            Ok(())
+        }
+    }
+}
+
+fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
+    use kith::intent::{self, train};
+    match cmd {
+        IntentCommand::Train {
+            context,
+            out,
+            noise,
+            utterances,
+            test_utterances,
+            epochs,
+            channels,
+            threads,
+            seed,
+        } => {
+            if utterances == 0 || epochs == 0 || channels == 0 {
+                bail!("--utterances, --epochs and --channels must be at least 1");
+            }
+            let front = train::FrontFiles {
+                mel: store.require("melspectrogram")?,
+                embedding: store.require("embedding_model")?,
+            };
+            let mut opts = train::TrainOptions {
+                context,
+                out,
+                noise_dirs: noise,
+                utterances,
+                test_utterances,
+                epochs,
+                channels,
+                seed,
+                ..train::TrainOptions::default()
+            };
+            if let Some(t) = threads {
+                opts.threads = t.max(1);
+            }
+            let report = train::train(&front, &opts)?;
+            eprintln!(
+                "wrote {} ({} bytes, {} parameters) in {:.0} s",
+                opts.out.display(),
+                report.model_bytes,
+                report.parameters,
+                report.total_secs
+            );
+            for c in &report.conditions {
+                eprintln!("  {:<16} {:5.1} % of {}", c.name, 100.0 * c.rate(), c.clips);
+            }
+            eprintln!(
+                "  out of grammar: {:.1} % falsely accepted ({} of {})",
+                100.0 * report.false_accept_rate(),
+                report.false_accepts,
+                report.out_of_grammar_clips
+            );
+            eprintln!(
+                "the model card is {}",
+                opts.out.join("MODEL_CARD.md").display()
+            );
+            Ok(())
+        }
+        IntentCommand::Infer { model, json, paths } => {
+            let mut files = Vec::new();
+            for p in &paths {
+                files.extend(intent::wav_files(p)?);
+            }
+            if files.is_empty() {
+                bail!("no .wav files in {paths:?}");
+            }
+            let mut model = kith_models::intent::IntentModel::load(&model).with_context(|| {
+                format!(
+                    "loading the intent model in {} (train one with `kith intent train`)",
+                    model.display()
+                )
+            })?;
+            let mut front = kith_models::intent::CommandFront::load(
+                &store.require("melspectrogram")?,
+                &store.require("embedding_model")?,
+            )?;
+            let mut features = vec![0.0; kith_models::intent::FEATURES];
+            let mut failed = 0;
+            for f in files {
+                let name = f.display().to_string();
+                let result = intent::read_wav(&f).and_then(|samples| {
+                    front.features_of(&samples, &mut features)?;
+                    Ok(model.infer(&features)?)
+                });
+                match (result, json) {
+                    (Ok(u), true) => {
+                        let mut head = serde_json::Map::new();
+                        head.insert("file".into(), name.into());
+                        println!("{}", intent::understanding_json(head, &u));
+                    }
+                    (Ok(u), false) => println!("{name}: {}", intent::understanding_text(&u)),
+                    (Err(e), true) => {
+                        failed += 1;
+                        println!(
+                            "{}",
+                            serde_json::json!({"file": name, "error": format!("{e:#}")})
+                        );
+                    }
+                    (Err(e), false) => {
+                        failed += 1;
+                        eprintln!("{name}: error: {e:#}");
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} file(s) could not be read");
+            }
+            Ok(())
+        }
+        IntentCommand::Check { context, samples } => {
+            let (_, grammar) = train::read_context(&context)?;
+            println!("{}: ok", context.display());
+            for i in &grammar.intents {
+                let slots: Vec<String> = i
+                    .slots
+                    .iter()
+                    .map(|&s| {
+                        format!(
+                            "{} ({} values)",
+                            grammar.slots[s].name,
+                            grammar.slots[s].values.len()
+                        )
+                    })
+                    .collect();
+                println!(
+                    "  intent {}: {}",
+                    i.name,
+                    if slots.is_empty() {
+                        "no slots".into()
+                    } else {
+                        slots.join(", ")
+                    }
+                );
+            }
+            let mut sampler = grammar.sampler(1);
+            for _ in 0..samples {
+                let u = sampler.next_utterance();
+                println!(
+                    "  e.g. \"{}\" -> {}",
+                    u.text, grammar.intents[u.intent].name
+                );
+            }
             Ok(())
         }
     }
@@ -443,6 +657,12 @@ fn listen_cmd(store: &ModelStore, args: ListenArgs) -> Result<()> {
             Embedding::Streaming => EmbeddingMode::Streaming,
             Embedding::Windowed => EmbeddingMode::Windowed,
         },
+        intent: args.intent.clone(),
+        command: listen::CommandOptions {
+            end_silence_ms: args.end_silence_ms,
+            max_ms: args.max_command_ms,
+            ..listen::CommandOptions::default()
+        },
     };
     if let Some(v) = opts.vad_threshold
         && !(0.0..=1.0).contains(&v)
@@ -456,6 +676,10 @@ fn listen_cmd(store: &ModelStore, args: ListenArgs) -> Result<()> {
         (None, false) => bail!("give --wav FILE or --mic"),
     };
     let (mut pipeline, load_ms) = listen::load_pipeline(store, &opts)?;
+    let mut commands = match &opts.intent {
+        Some(dir) => Some(CommandListener::load(store, dir, opts.command)?),
+        None => None,
+    };
     let heads: Vec<&str> = pipeline.heads().iter().map(|h| h.name()).collect();
     tracing::info!(source = %source.describe(), heads = ?heads, load_ms, "listening");
     if !args.json {
@@ -467,9 +691,39 @@ fn listen_cmd(store: &ModelStore, args: ListenArgs) -> Result<()> {
     }
     let json = args.json;
     let mut heard = 0usize;
-    let mut print = |e: WakeEvent| {
+    let mut print = |e: ListenEvent| {
         heard += 1;
         let mut out = std::io::stdout().lock();
+        let e = match e {
+            ListenEvent::Wake(w) => w,
+            ListenEvent::Intent(i) => {
+                let _ = if json {
+                    writeln!(out, "{}", serde_json::to_string(&i).unwrap_or_default())
+                } else {
+                    let what = match (&i.intent, &i.slots) {
+                        (Some(intent), Some(slots)) if i.understood => {
+                            let slots: Vec<String> =
+                                slots.iter().map(|(k, v)| format!(" {k}={v}")).collect();
+                            format!(
+                                "{intent}{}  score {:.3}",
+                                slots.concat(),
+                                i.score.unwrap_or(0.0)
+                            )
+                        }
+                        _ => "not understood".to_string(),
+                    };
+                    writeln!(
+                        out,
+                        "{:>8.2} s  intent: {what}  (ended by {}, {:.1} ms)",
+                        i.t_ms as f64 / 1000.0,
+                        i.ended_by,
+                        i.latency_ms
+                    )
+                };
+                let _ = out.flush();
+                return;
+            }
+        };
         let _ = if json {
             writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default())
         } else {
@@ -488,7 +742,13 @@ fn listen_cmd(store: &ModelStore, args: ListenArgs) -> Result<()> {
         };
         let _ = out.flush();
     };
-    let result = listen::run(&mut pipeline, source.as_mut(), pad_ms, &mut print);
+    let result = listen::run(
+        &mut pipeline,
+        commands.as_mut(),
+        source.as_mut(),
+        pad_ms,
+        &mut print,
+    );
     let mut stats = result?;
     stats.load_ms = load_ms;
     if !json && heard == 0 {

@@ -287,9 +287,11 @@ fn start_audio(state: &Arc<AppState>) -> Result<()> {
             let _ = ready_tx.send(Ok(format!("{} for {}", source.describe(), heads.join(", "))));
             state.audio.running.store(true, Ordering::SeqCst);
             let mut metered = Metered::new(source.as_mut(), &state);
-            let result = listen::run(&mut pipeline, &mut metered, pad_ms, &mut |event| {
-                state.audio.detections.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(model = %event.model, score = %event.score, t_ms = event.t_ms, "wake word heard");
+            let result = listen::run(&mut pipeline, None, &mut metered, pad_ms, &mut |event| {
+                if let listen::ListenEvent::Wake(wake) = &event {
+                    state.audio.detections.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(model = %wake.model, score = %wake.score, t_ms = wake.t_ms, "wake word heard");
+                }
                 if let Ok(json) = serde_json::to_string(&event) {
                     state.publish(json);
                 }

@@ -10,8 +10,13 @@
 //! The audio path re-implements openWakeWord's streaming pipeline:
 //! 16 kHz mono → 80 ms chunks → mel spectrogram → Google's speech embedding →
 //! wake-word heads, with an optional silero VAD gate.
+//!
+//! Speech to intent (`intent`) reuses that front end: a command's speech
+//! embeddings go through a small network kith trains itself from a Rhino
+//! context grammar (training lives here too: it is tensors in, tensors out).
 
 mod error;
+pub mod intent;
 pub mod llm;
 mod plan;
 mod pulse;

@@ -253,6 +253,20 @@ impl SpeechFrontEnd {
         self.embeddings.last()
     }
 
+    /// Copies the newest `rows` embeddings, oldest first, into `out`
+    /// (`rows * EMBEDDING_DIM` values; `rows` at most [`Self::history`]).
+    pub fn copy_history(&self, rows: usize, out: &mut [f32]) -> Result<(), ModelError> {
+        if rows > self.history() || out.len() != rows * EMBEDDING_DIM {
+            return Err(ModelError::Input(format!(
+                "asked for {rows} embeddings into {} values; {} are kept",
+                out.len(),
+                self.history()
+            )));
+        }
+        self.embeddings.copy_last(rows, out);
+        Ok(())
+    }
+
     /// How many embeddings are kept for the heads.
     pub fn history(&self) -> usize {
         self.embeddings.capacity()

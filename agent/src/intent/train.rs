@@ -1,0 +1,838 @@
+//! `kith intent train`: a context grammar in, a speech-to-intent model out.
+//!
+//! 1. Sample sentences from the grammar, balanced over intents and slot
+//!    values, plus "not understood" examples: everyday sentences no command
+//!    grammar holds, shuffled grammar words, and noise alone.
+//! 2. Speak each with a random training voice, rate and pitch; place it in
+//!    a clip with noise (0–30 dB SNR), reverb and a gain change.
+//! 3. Compute features with [`CommandFront`], the code inference runs.
+//! 4. Train the network, export it to ONNX, load it back on tract, and
+//!    measure it on held-out voices, rates and sentences at several SNRs.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use kith_models::intent::grammar::{Grammar, Rng};
+use kith_models::intent::net::{Example, Net, Shape, TrainOptions as NetOptions};
+use kith_models::intent::{
+    CommandFront, FEATURES, FRAMES, IntentModel, LABELS_FILE, LABELS_FORMAT, Labels, MODEL_FILE,
+    SlotLabels, onnx,
+};
+use kith_models::wake::EMBEDDING_DIM;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::augment::{self, NoiseBank, NoiseKind, Recipe};
+use super::voices::{self, Split, Voice, VoiceSet};
+use crate::progress::Bar;
+
+/// Everyday sentences for "not understood" examples (even lines train, odd lines test).
+const OUT_OF_GRAMMAR: &str = include_str!("out_of_grammar.txt");
+/// The test's SNRs (dB), after the clean condition.
+pub const TEST_SNRS: [f32; 4] = [24.0, 18.0, 12.0, 6.0];
+/// Longest speech kept for training, in samples: the model sees 5.12 s.
+const MAX_SPEECH: usize = 4_600 * 16;
+
+/// What to train.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub context: PathBuf,
+    pub out: PathBuf,
+    /// Directories of WAV noise recordings to mix in.
+    pub noise_dirs: Vec<PathBuf>,
+    /// In-grammar training sentences.
+    pub utterances: usize,
+    /// Held-out test sentences (each heard clean and at every test SNR).
+    pub test_utterances: usize,
+    pub epochs: usize,
+    /// Channels of the network's convolutions.
+    pub channels: usize,
+    pub threads: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            context: PathBuf::new(),
+            out: PathBuf::new(),
+            noise_dirs: Vec::new(),
+            utterances: 4000,
+            test_utterances: 200,
+            epochs: 30,
+            channels: 96,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            seed: 1,
+        }
+    }
+}
+
+/// The front end's model files.
+#[derive(Debug, Clone)]
+pub struct FrontFiles {
+    pub mel: PathBuf,
+    pub embedding: PathBuf,
+}
+
+/// One clip to make: what is said, by whom, and how it is spoiled.
+#[derive(Debug, Clone)]
+struct Job {
+    /// Empty: noise alone.
+    text: String,
+    voice: Voice,
+    rate: u32,
+    pitch: u32,
+    recipe: Recipe,
+    /// Per head: the target class (`None`: nothing to learn for that head).
+    targets: Vec<Option<u16>>,
+    /// Test condition: index into [`Report::conditions`].
+    condition: usize,
+    seed: u64,
+}
+
+/// One row of the acceptance table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Condition {
+    /// "clean", "babble 12 dB", ...
+    pub name: String,
+    pub clips: usize,
+    /// Intent and every slot right, and understood.
+    pub accepted: usize,
+}
+
+impl Condition {
+    pub fn rate(&self) -> f64 {
+        self.accepted as f64 / self.clips.max(1) as f64
+    }
+}
+
+/// What training made and measured (also `metrics.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub grammar_sha256: String,
+    pub intents: usize,
+    pub slots: usize,
+    pub train_clips: usize,
+    pub negative_clips: usize,
+    pub validation_clips: usize,
+    pub test_clips: usize,
+    /// Distinct held-out sentences the test clips say.
+    pub test_sentences: usize,
+    pub train_voices: usize,
+    pub test_voices: usize,
+    pub mbrola_voices: usize,
+    pub train_rates: Vec<u32>,
+    pub test_rates: Vec<u32>,
+    pub noise_recordings: usize,
+    pub parameters: usize,
+    pub model_bytes: u64,
+    pub threshold: f32,
+    pub validation_accuracy: f32,
+    /// Acceptance per test condition (clean, then each noise at each SNR).
+    pub conditions: Vec<Condition>,
+    /// Out-of-grammar test clips reported understood.
+    pub false_accepts: usize,
+    pub out_of_grammar_clips: usize,
+    pub synthesis_secs: f64,
+    pub training_secs: f64,
+    pub total_secs: f64,
+    /// Mean time of the intent network on tract per command, ms.
+    pub infer_ms: f64,
+}
+
+impl Report {
+    pub fn false_accept_rate(&self) -> f64 {
+        self.false_accepts as f64 / self.out_of_grammar_clips.max(1) as f64
+    }
+}
+
+/// The grammar file's hash, as `labels.json` records it.
+pub fn grammar_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads and parses a context file; errors name the file, line and column.
+pub fn read_context(path: &Path) -> Result<(String, Grammar)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the context {}", path.display()))?;
+    let grammar = Grammar::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}:{}: {}", path.display(), e.line, e.col, e.message))?;
+    Ok((text, grammar))
+}
+
+/// The label vocabulary of `grammar`.
+pub fn labels_of(grammar: &Grammar, sha256: &str) -> Labels {
+    Labels {
+        format: LABELS_FORMAT,
+        frames: FRAMES,
+        intents: grammar.intents.iter().map(|i| i.name.clone()).collect(),
+        slots: grammar
+            .slots
+            .iter()
+            .map(|s| SlotLabels {
+                name: s.name.clone(),
+                values: s.values.clone(),
+            })
+            .collect(),
+        intent_slots: grammar.intents.iter().map(|i| i.slots.clone()).collect(),
+        threshold: 0.5,
+        grammar_sha256: sha256.to_string(),
+    }
+}
+
+/// Out-of-grammar sentences of one split, minus any the grammar accepts.
+fn out_of_grammar(grammar: &Grammar, split: Split) -> Vec<String> {
+    OUT_OF_GRAMMAR
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .enumerate()
+        .filter(|(i, _)| (i % 2 == 0) == (split == Split::Train))
+        .map(|(_, l)| l.to_string())
+        .filter(|l| grammar.parse_text(l).is_none())
+        .collect()
+}
+
+/// Words of the grammar shuffled into 2–5-word sequences it does not accept.
+fn word_salad(grammar: &Grammar, rng: &mut Rng, sampler_texts: &[String]) -> Option<String> {
+    let words: Vec<&str> = sampler_texts
+        .iter()
+        .flat_map(|t| t.split_whitespace())
+        .collect();
+    if words.is_empty() {
+        return None;
+    }
+    for _ in 0..20 {
+        let n = 2 + rng.below(4);
+        let text: Vec<&str> = (0..n).map(|_| words[rng.below(words.len())]).collect();
+        let text = text.join(" ");
+        if grammar.parse_text(&text).is_none() {
+            return Some(text);
+        }
+    }
+    None
+}
+
+/// Reads every WAV under `dirs` (16 kHz mono after conversion).
+fn read_noise(dirs: &[PathBuf]) -> Result<Vec<Vec<i16>>> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let files = super::wav_files(dir)?;
+        if files.is_empty() {
+            bail!("--noise {}: no .wav files there", dir.display());
+        }
+        for f in files {
+            let samples = super::read_wav(&f)?;
+            if samples.len() >= 1600 {
+                out.push(samples);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Babble tracks: three to five voices saying different sentences at once.
+fn babble_bank(
+    sentences: &[String],
+    voices: &VoiceSet,
+    rng: &mut Rng,
+    tracks: usize,
+) -> Result<Vec<Vec<i16>>> {
+    let mut bank = Vec::new();
+    for _ in 0..tracks {
+        let talkers = 3 + rng.below(3);
+        let mut mix: Vec<f32> = Vec::new();
+        for _ in 0..talkers {
+            let mut speech: Vec<i16> = Vec::new();
+            // ~4 s of speech per talker, sentence after sentence.
+            while speech.len() < 64_000 {
+                let voice = &voices.voices[rng.below(voices.voices.len())];
+                let text = &sentences[rng.below(sentences.len())];
+                let rate = voices.rates[rng.below(voices.rates.len())];
+                speech.extend(voices::synthesize(
+                    voice,
+                    rate,
+                    30 + rng.below(40) as u32,
+                    text,
+                )?);
+            }
+            if mix.len() < speech.len() {
+                mix.resize(speech.len(), 0.0);
+            }
+            for (m, s) in mix.iter_mut().zip(&speech) {
+                *m += f32::from(*s);
+            }
+        }
+        bank.push(
+            mix.iter()
+                .map(|v| v.clamp(-32768.0, 32767.0) as i16)
+                .collect(),
+        );
+    }
+    Ok(bank)
+}
+
+/// Makes the features of every job on `threads` threads, with a progress bar.
+fn render(
+    jobs: &[Job],
+    front: &FrontFiles,
+    bank: &NoiseBank,
+    threads: usize,
+    label: &str,
+) -> Result<Vec<Vec<f32>>> {
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Vec<f32>>>> = Mutex::new(vec![None; jobs.len()]);
+    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let mut bar = Bar::new(label, jobs.len() as u64);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let run = || -> Result<()> {
+                    let mut cf = CommandFront::load(&front.mel, &front.embedding)
+                        .context("loading the audio front end")?;
+                    let mut features = vec![0.0; FEATURES];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= jobs.len() || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                            return Ok(());
+                        }
+                        let job = &jobs[i];
+                        let mut rng = Rng::new(job.seed);
+                        let speech = if job.text.is_empty() {
+                            vec![0i16; 16 * (500 + rng.below(2000))]
+                        } else {
+                            voices::synthesize(&job.voice, job.rate, job.pitch, &job.text)?
+                        };
+                        let speech = &speech[speech.len().saturating_sub(MAX_SPEECH)..];
+                        let clip = augment::apply(speech, &job.recipe, bank, &mut rng);
+                        cf.features_of(&clip, &mut features)?;
+                        if let Ok(mut r) = results.lock() {
+                            r[i] = Some(features.clone());
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                };
+                if let Err(e) = run()
+                    && let Ok(mut f) = failure.lock()
+                {
+                    f.get_or_insert(e);
+                }
+            });
+        }
+        // The calling thread draws the bar until the workers are done.
+        loop {
+            let d = done.load(Ordering::Relaxed);
+            bar.set(d as u64, "");
+            let failed = failure.lock().map(|f| f.is_some()).unwrap_or(true);
+            if d >= jobs.len() || failed {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a synthesis thread panicked"))?;
+    bar.finish(&format!("{} clips", jobs.len()));
+    results
+        .into_iter()
+        .map(|r| r.context("a clip was not rendered"))
+        .collect()
+}
+
+fn pick<'a, T>(v: &'a [T], rng: &mut Rng) -> &'a T {
+    &v[rng.below(v.len())]
+}
+
+/// Trains a model for `opts.context` into `opts.out`.
+pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
+    let started = Instant::now();
+    let (text, grammar) = read_context(&opts.context)?;
+    let sha = grammar_hash(&text);
+    let mut labels = labels_of(&grammar, &sha);
+    let n_intents = grammar.intents.len();
+    let none_class = n_intents as u16;
+    let train_voices = voices::voices(Split::Train)?;
+    let test_voices = voices::voices(Split::Test)?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let mut rng = Rng::new(opts.seed);
+    eprintln!(
+        "context {}: {} intents, {} slots; {} training voices ({} MBROLA), {} test voices",
+        opts.context.display(),
+        n_intents,
+        grammar.slots.len(),
+        train_voices.voices.len(),
+        train_voices.mbrola,
+        test_voices.voices.len()
+    );
+
+    // Noise banks: training babble from training voices and sentences, test
+    // babble from test ones.
+    let oog_train = out_of_grammar(&grammar, Split::Train);
+    let oog_test = out_of_grammar(&grammar, Split::Test);
+    if oog_train.is_empty() || oog_test.is_empty() {
+        bail!("every built-in out-of-grammar sentence is in this grammar: it accepts too much");
+    }
+    let synth_started = Instant::now();
+    let train_bank = NoiseBank {
+        babble: babble_bank(&oog_train, &train_voices, &mut rng, 16)?,
+        recorded: read_noise(&opts.noise_dirs)?,
+    };
+    let test_bank = NoiseBank {
+        babble: babble_bank(&oog_test, &test_voices, &mut rng, 8)?,
+        recorded: Vec::new(),
+    };
+
+    // Held-out sentences, chosen first and never trained on: up to a fifth
+    // of the grammar's distinct sentences (a small grammar keeps most for
+    // training), at most --test-utterances.
+    let distinct = {
+        let mut probe = grammar.sampler(opts.seed ^ 0xD15C);
+        (0..4000)
+            .map(|_| probe.next_utterance().text)
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let mut test_sampler = grammar.sampler(opts.seed ^ 0x7E57);
+    let mut held_out = Vec::new();
+    let mut held_texts = HashSet::new();
+    for _ in 0..opts.test_utterances * 50 {
+        if held_out.len() >= (distinct / 5).clamp(1, opts.test_utterances.max(1)) {
+            break;
+        }
+        let u = test_sampler.next_utterance();
+        if held_texts.insert(u.text.clone()) {
+            held_out.push(u);
+        }
+    }
+
+    // Training jobs.
+    let mut sampler = grammar.sampler(opts.seed);
+    let mut jobs = Vec::new();
+    let mut said = Vec::new();
+    let voice_of = |rng: &mut Rng, set: &VoiceSet| {
+        (
+            pick(&set.voices, rng).clone(),
+            *pick(&set.rates, rng),
+            25 + rng.below(50) as u32,
+        )
+    };
+    for _ in 0..opts.utterances {
+        let Some(u) = (0..100)
+            .map(|_| sampler.next_utterance())
+            .find(|u| !held_texts.contains(&u.text))
+        else {
+            continue;
+        };
+        let mut targets = vec![None; 1 + grammar.slots.len()];
+        targets[0] = Some(u.intent as u16);
+        for &s in &grammar.intents[u.intent].slots {
+            let v = u
+                .slots
+                .iter()
+                .find(|(si, _)| *si == s)
+                .map_or(0, |(_, v)| v + 1);
+            targets[1 + s] = Some(v as u16);
+        }
+        let (voice, rate, pitch) = voice_of(&mut rng, &train_voices);
+        said.push(u.text.clone());
+        jobs.push(Job {
+            text: u.text,
+            voice,
+            rate,
+            pitch,
+            recipe: augment::training_recipe(&mut rng, &train_bank),
+            targets,
+            condition: 0,
+            seed: rng.next_u64(),
+        });
+    }
+    let negatives = opts.utterances * 3 / 10;
+    for k in 0..negatives {
+        let text = match k % 6 {
+            0..=2 => pick(&oog_train, &mut rng).clone(),
+            3 | 4 => word_salad(&grammar, &mut rng, &said).unwrap_or_default(),
+            _ => String::new(),
+        };
+        let (voice, rate, pitch) = voice_of(&mut rng, &train_voices);
+        let mut targets = vec![None; 1 + grammar.slots.len()];
+        targets[0] = Some(none_class);
+        let mut recipe = augment::training_recipe(&mut rng, &train_bank);
+        if text.is_empty() && recipe.noise.is_none() {
+            recipe.noise = Some((NoiseKind::Babble, rng.range(-5.0, 20.0)));
+        }
+        jobs.push(Job {
+            text,
+            voice,
+            rate,
+            pitch,
+            recipe,
+            targets,
+            condition: 0,
+            seed: rng.next_u64(),
+        });
+    }
+
+    // Test jobs: sentences never trained on, test voices and rates, each
+    // clean and at every SNR in babble and in pink noise.
+    let mut conditions = vec![Condition {
+        name: "clean".into(),
+        clips: 0,
+        accepted: 0,
+    }];
+    for kind in [NoiseKind::Babble, NoiseKind::Pink] {
+        for snr in TEST_SNRS {
+            conditions.push(Condition {
+                name: format!("{} {snr:.0} dB", kind.name()),
+                clips: 0,
+                accepted: 0,
+            });
+        }
+    }
+    if held_out.is_empty() {
+        bail!("the grammar has no sentence to hold out of training");
+    }
+    let mut test_jobs = Vec::new();
+    for k in 0..opts.test_utterances.max(1) {
+        // Each held-out sentence in turn, each time by a random test voice.
+        let u = &held_out[k % held_out.len()];
+        let mut targets = vec![None; 1 + grammar.slots.len()];
+        targets[0] = Some(u.intent as u16);
+        for &s in &grammar.intents[u.intent].slots {
+            let v = u
+                .slots
+                .iter()
+                .find(|(si, _)| *si == s)
+                .map_or(0, |(_, v)| v + 1);
+            targets[1 + s] = Some(v as u16);
+        }
+        let (voice, rate, pitch) = voice_of(&mut rng, &test_voices);
+        for (ci, c) in conditions.iter().enumerate() {
+            let noise = if ci == 0 {
+                None
+            } else {
+                let kind = if c.name.starts_with("babble") {
+                    NoiseKind::Babble
+                } else {
+                    NoiseKind::Pink
+                };
+                Some((kind, TEST_SNRS[(ci - 1) % TEST_SNRS.len()]))
+            };
+            test_jobs.push(Job {
+                text: u.text.clone(),
+                voice: voice.clone(),
+                rate,
+                pitch,
+                recipe: Recipe {
+                    lead_ms: 300,
+                    tail_ms: 300,
+                    noise,
+                    reverb: None,
+                    gain_db: 0.0,
+                },
+                targets: targets.clone(),
+                condition: ci,
+                seed: rng.next_u64(),
+            });
+        }
+    }
+    let oog_condition = conditions.len();
+    for (i, text) in oog_test.iter().enumerate() {
+        for noisy in [false, true] {
+            let (voice, rate, pitch) = voice_of(&mut rng, &test_voices);
+            let mut targets = vec![None; 1 + grammar.slots.len()];
+            targets[0] = Some(none_class);
+            test_jobs.push(Job {
+                text: text.clone(),
+                voice,
+                rate,
+                pitch,
+                recipe: Recipe {
+                    noise: noisy.then_some((
+                        if i % 2 == 0 {
+                            NoiseKind::Babble
+                        } else {
+                            NoiseKind::Pink
+                        },
+                        12.0,
+                    )),
+                    ..Recipe::clean()
+                },
+                targets,
+                condition: oog_condition,
+                seed: rng.next_u64(),
+            });
+        }
+    }
+
+    let train_features = render(
+        &jobs,
+        front,
+        &train_bank,
+        opts.threads,
+        "synthesizing training clips",
+    )?;
+    let test_features = render(
+        &test_jobs,
+        front,
+        &test_bank,
+        opts.threads,
+        "synthesizing test clips",
+    )?;
+    let synthesis_secs = synth_started.elapsed().as_secs_f64();
+
+    // Train with a tenth held back for choosing the epoch and the threshold.
+    let mut examples: Vec<Example> = jobs
+        .iter()
+        .zip(train_features)
+        .map(|(j, f)| Example {
+            features: f,
+            targets: j.targets.clone(),
+        })
+        .collect();
+    rng.shuffle(&mut examples);
+    let n_val = (examples.len() / 10).max(1);
+    let validation = examples.split_off(examples.len() - n_val);
+    let shape = Shape {
+        frames: FRAMES,
+        dim: EMBEDDING_DIM,
+        channels: opts.channels,
+        heads: labels.head_sizes(),
+    };
+    let mut net = Net::new(shape, opts.seed);
+    net.fit_normalization(&examples);
+    let train_started = Instant::now();
+    let mut bar = Bar::new("training", opts.epochs as u64);
+    let net_opts = NetOptions {
+        epochs: opts.epochs,
+        threads: opts.threads,
+        seed: opts.seed,
+        ..NetOptions::default()
+    };
+    let mut validation_accuracy = 0.0f32;
+    net.train(&examples, &validation, &net_opts, |r| {
+        validation_accuracy = validation_accuracy.max(r.validation_accuracy);
+        bar.set(
+            r.epoch as u64,
+            &format!(
+                "loss {:.3}, validation {:.1}%",
+                r.loss,
+                100.0 * r.validation_accuracy
+            ),
+        );
+    });
+    bar.finish(&format!(
+        "best validation accuracy {:.1}%",
+        100.0 * validation_accuracy
+    ));
+    let training_secs = train_started.elapsed().as_secs_f64();
+    labels.threshold = calibrate(&net, &labels, &validation, none_class);
+
+    // Export, load back on tract, evaluate there: the figures are the shipped model's.
+    let model_path = opts.out.join(MODEL_FILE);
+    let doc = format!("kith intent model for context sha256 {sha}");
+    std::fs::write(&model_path, onnx::to_onnx(&net, &doc))
+        .with_context(|| format!("writing {}", model_path.display()))?;
+    std::fs::write(
+        opts.out.join(LABELS_FILE),
+        serde_json::to_string_pretty(&labels)?,
+    )
+    .with_context(|| format!("writing {}", opts.out.join(LABELS_FILE).display()))?;
+    std::fs::write(opts.out.join("context.yaml"), &text)?;
+    let mut model = IntentModel::load(&opts.out).context("loading the exported model on tract")?;
+    let mut false_accepts = 0;
+    let mut oog_clips = 0;
+    let infer_started = Instant::now();
+    for (job, features) in test_jobs.iter().zip(&test_features) {
+        let u = model.infer(features)?;
+        if job.condition == oog_condition {
+            oog_clips += 1;
+            false_accepts += usize::from(u.understood);
+            continue;
+        }
+        let c = &mut conditions[job.condition];
+        c.clips += 1;
+        c.accepted += usize::from(accepted(&labels, &job.targets, &u));
+    }
+    let infer_ms = infer_started.elapsed().as_secs_f64() * 1e3 / test_jobs.len().max(1) as f64;
+    let report = Report {
+        grammar_sha256: sha,
+        intents: n_intents,
+        slots: grammar.slots.len(),
+        train_clips: examples.len(),
+        negative_clips: negatives,
+        validation_clips: validation.len(),
+        test_clips: test_jobs.len(),
+        test_sentences: held_out.len(),
+        train_voices: train_voices.voices.len(),
+        test_voices: test_voices.voices.len(),
+        mbrola_voices: train_voices.mbrola + test_voices.mbrola,
+        train_rates: train_voices.rates.clone(),
+        test_rates: test_voices.rates.clone(),
+        noise_recordings: train_bank.recorded.len(),
+        parameters: net.parameters(),
+        model_bytes: std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0),
+        threshold: labels.threshold,
+        validation_accuracy,
+        conditions,
+        false_accepts,
+        out_of_grammar_clips: oog_clips,
+        synthesis_secs,
+        training_secs,
+        total_secs: started.elapsed().as_secs_f64(),
+        infer_ms,
+    };
+    std::fs::write(
+        opts.out.join("metrics.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(
+        opts.out.join("MODEL_CARD.md"),
+        card(&opts.context, &labels, &report),
+    )?;
+    Ok(report)
+}
+
+/// Whether an understanding is exactly the target: understood, the intent
+/// and every slot (and no extra slot).
+fn accepted(
+    labels: &Labels,
+    targets: &[Option<u16>],
+    u: &kith_models::intent::Understanding,
+) -> bool {
+    let Some(Some(intent)) = targets.first() else {
+        return false;
+    };
+    let intent = usize::from(*intent);
+    if !u.understood || u.intent.as_deref() != labels.intents.get(intent).map(String::as_str) {
+        return false;
+    }
+    let mut want: Vec<(String, String)> = Vec::new();
+    for &s in &labels.intent_slots[intent] {
+        if let Some(Some(v)) = targets.get(1 + s)
+            && *v > 0
+        {
+            want.push((
+                labels.slots[s].name.clone(),
+                labels.slots[s].values[usize::from(*v) - 1].clone(),
+            ));
+        }
+    }
+    let mut got = u.slots.clone();
+    got.sort();
+    want.sort();
+    got == want
+}
+
+/// The lowest threshold whose false accepts on validation negatives stay
+/// at or under 1 % (from 0.3 to 0.9), else 0.9.
+fn calibrate(net: &Net, labels: &Labels, validation: &[Example], none_class: u16) -> f32 {
+    let scored: Vec<(bool, f32, bool)> = validation
+        .iter()
+        .map(|e| {
+            let u = labels.decode(&net.predict(&e.features));
+            let negative = e.targets[0] == Some(none_class);
+            let intent_ok = !negative && u.intent.is_some();
+            (
+                negative,
+                if u.intent.is_some() { u.score } else { 0.0 },
+                intent_ok,
+            )
+        })
+        .collect();
+    let negatives = scored.iter().filter(|s| s.0).count().max(1);
+    for t in [0.3f32, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] {
+        let fa = scored.iter().filter(|s| s.0 && s.1 >= t).count();
+        if fa as f32 / negatives as f32 <= 0.01 {
+            return t;
+        }
+    }
+    0.9
+}
+
+/// The model card: what the model was trained on and how it did.
+pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
+    let name = context
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut s = String::new();
+    s.push_str(&format!("# Intent model for `{name}`\n\n"));
+    s.push_str("Trained by `kith intent train` from the context grammar alone: synthetic speech, no recordings, no transcripts.\n\n");
+    s.push_str(&format!(
+        "- Grammar sha256: `{}`\n- Intents ({}): {}\n- Slots ({}): {}\n",
+        r.grammar_sha256,
+        labels.intents.len(),
+        labels.intents.join(", "),
+        labels.slots.len(),
+        labels
+            .slots
+            .iter()
+            .map(|s| format!("{} ({} values)", s.name, s.values.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    s.push_str(&format!(
+        "- Network: dilated 1-D convolutions over {} speech embeddings (5.12 s), attention-pooled heads; {} parameters, {} bytes of ONNX\n",
+        FRAMES, r.parameters, r.model_bytes
+    ));
+    s.push_str(&format!(
+        "- Data: {} training clips ({} of them \"not understood\": everyday sentences, shuffled grammar words, noise), {} validation, {} test\n",
+        r.train_clips + r.validation_clips, r.negative_clips, r.validation_clips, r.test_clips
+    ));
+    s.push_str(&format!(
+        "- Voices: {} for training, {} held out for the test ({} MBROLA voices in all); rates {:?} wpm for training, {:?} for the test\n",
+        r.train_voices, r.test_voices, r.mbrola_voices, r.train_rates, r.test_rates
+    ));
+    s.push_str(&format!(
+        "- Augmentation: noise at 0–30 dB SNR (white, pink, babble{}), reverb, ±gain, random placement\n",
+        if r.noise_recordings > 0 {
+            format!(", {} recordings", r.noise_recordings)
+        } else {
+            String::new()
+        }
+    ));
+    s.push_str(&format!(
+        "- Score threshold: {:.2}; validation accuracy {:.1}%\n- Time: {:.0} s synthesis and features, {:.0} s training, {:.0} s in all\n\n",
+        r.threshold,
+        100.0 * r.validation_accuracy,
+        r.synthesis_secs,
+        r.training_secs,
+        r.total_secs
+    ));
+    s.push_str("## Held-out test: command acceptance (intent and every slot right)\n\n");
+    s.push_str(&format!(
+        "{} sentences never trained on, spoken by voices and at rates never trained on.\n\n",
+        r.test_sentences
+    ));
+    s.push_str("| condition | clips | accepted |\n|---|---:|---:|\n");
+    for c in &r.conditions {
+        s.push_str(&format!(
+            "| {} | {} | {:.1} % |\n",
+            c.name,
+            c.clips,
+            100.0 * c.rate()
+        ));
+    }
+    s.push_str(&format!(
+        "\nOut-of-grammar sentences (held out, clean and at 12 dB): {} of {} accepted ({:.1} % false accepts).\n",
+        r.false_accepts,
+        r.out_of_grammar_clips,
+        100.0 * r.false_accept_rate()
+    ));
+    s.push_str(&format!(
+        "\nInference on tract: {:.2} ms per command for the network (features stream as the command is spoken).\n",
+        r.infer_ms
+    ));
+    s
+}

@@ -1,0 +1,172 @@
+//! Synthetic speakers: espeak-ng's English voices with its voice variants,
+//! and the MBROLA voices Debian packages, at many rates and pitches.
+//!
+//! Voices and rates are split once, here, into those training may use and
+//! those kept for the held-out test, so a test figure is always on voices
+//! and rates the model never heard.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use kith_hal::MonoResampler;
+
+/// One synthetic speaker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Voice {
+    /// What espeak-ng's `-v` takes: `en-us+m3`, `mb-us1`.
+    pub espeak: String,
+}
+
+/// espeak-ng English accents used for training.
+const TRAIN_ACCENTS: [&str; 6] = [
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-us-nyc",
+];
+/// Accents kept for the test.
+const TEST_ACCENTS: [&str; 2] = ["en-029", "en-gb-x-gbcwmd"];
+/// espeak-ng voice variants (timbre) used for training.
+const TRAIN_VARIANTS: [&str; 16] = [
+    "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "klatt", "klatt2", "Andy", "Annie", "Denis",
+    "Gene", "Lee", "linda",
+];
+/// Variants kept for the test.
+const TEST_VARIANTS: [&str; 5] = ["m7", "f4", "klatt4", "michel", "steph"];
+/// MBROLA voices (Debian's mbrola-us1/us2/us3/en1).
+const TRAIN_MBROLA: [&str; 3] = ["mb-us1", "mb-us2", "mb-en1"];
+const TEST_MBROLA: [&str; 1] = ["mb-us3"];
+/// Speaking rates (words per minute): the test's rates are never trained on.
+pub const TRAIN_RATES: [u32; 7] = [125, 135, 155, 165, 175, 195, 210];
+pub const TEST_RATES: [u32; 2] = [145, 185];
+
+/// The voices of one split.
+#[derive(Debug, Clone)]
+pub struct VoiceSet {
+    pub voices: Vec<Voice>,
+    pub rates: Vec<u32>,
+    /// MBROLA voices found installed.
+    pub mbrola: usize,
+}
+
+/// Which speakers a data set uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+/// The voices of `split` that work on this machine. espeak-ng must be
+/// installed; MBROLA voices are used when they are.
+pub fn voices(split: Split) -> Result<VoiceSet> {
+    let (accents, variants, mbrola, rates): (&[&str], &[&str], &[&str], &[u32]) = match split {
+        Split::Train => (&TRAIN_ACCENTS, &TRAIN_VARIANTS, &TRAIN_MBROLA, &TRAIN_RATES),
+        Split::Test => (&TEST_ACCENTS, &TEST_VARIANTS, &TEST_MBROLA, &TEST_RATES),
+    };
+    synthesize(
+        &Voice {
+            espeak: "en-us".into(),
+        },
+        160,
+        50,
+        "test",
+    )
+    .context(
+        "espeak-ng does not run: install it (`apt-get install espeak-ng`; scripts/setup does)",
+    )?;
+    let mut list = Vec::new();
+    for a in accents {
+        for v in variants {
+            list.push(Voice {
+                espeak: format!("{a}+{v}"),
+            });
+        }
+    }
+    let mut found = 0;
+    for m in mbrola {
+        let voice = Voice {
+            espeak: (*m).to_string(),
+        };
+        if synthesize(&voice, 160, 50, "test").is_ok() {
+            list.push(voice);
+            found += 1;
+        }
+    }
+    if found == 0 {
+        tracing::warn!(
+            split = ?split,
+            "no MBROLA voice found: training uses espeak-ng's voices only (apt-get install mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1)"
+        );
+    }
+    Ok(VoiceSet {
+        voices: list,
+        rates: rates.to_vec(),
+        mbrola: found,
+    })
+}
+
+/// Speaks `text` at 16 kHz mono.
+pub fn synthesize(voice: &Voice, rate: u32, pitch: u32, text: &str) -> Result<Vec<i16>> {
+    let out = Command::new("espeak-ng")
+        .args([
+            "-v",
+            &voice.espeak,
+            "-s",
+            &rate.to_string(),
+            "-p",
+            &pitch.to_string(),
+        ])
+        .arg("--stdout")
+        .arg("--")
+        .arg(text)
+        .output()
+        .context("running espeak-ng")?;
+    if !out.status.success() {
+        bail!(
+            "espeak-ng -v {} failed: {}",
+            voice.espeak,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let (rate_hz, samples) = parse_stream_wav(&out.stdout)
+        .with_context(|| format!("reading espeak-ng's output for voice {}", voice.espeak))?;
+    if samples.is_empty() {
+        bail!("espeak-ng -v {} produced no audio", voice.espeak);
+    }
+    resample(rate_hz, &samples)
+}
+
+/// espeak-ng's `--stdout` WAV: a 44-byte PCM header whose lengths are
+/// placeholders (it streams), then 16-bit mono samples.
+fn parse_stream_wav(bytes: &[u8]) -> Result<(u32, Vec<i16>)> {
+    if bytes.len() < 44 || &bytes[..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
+        bail!("not a WAV stream");
+    }
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+    let u32_at =
+        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    if &bytes[12..16] != b"fmt " || u16_at(20) != 1 || u16_at(22) != 1 || u16_at(34) != 16 {
+        bail!("expected 16-bit mono PCM");
+    }
+    if &bytes[36..40] != b"data" {
+        bail!("no data chunk where expected");
+    }
+    let rate = u32_at(24);
+    let samples = bytes[44..]
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    Ok((rate, samples))
+}
+
+fn resample(rate_hz: u32, samples: &[i16]) -> Result<Vec<i16>> {
+    let mut resampler = MonoResampler::new(rate_hz)?;
+    let input: Vec<f32> = samples.iter().map(|&s| f32::from(s)).collect();
+    let mut out = Vec::with_capacity(samples.len() * 16_000 / rate_hz.max(1) as usize + 16);
+    let mut sink = |s: f32| out.push(s.round().clamp(-32768.0, 32767.0) as i16);
+    resampler.push(&input, &mut sink)?;
+    resampler.finish(&mut sink)?;
+    Ok(out)
+}

@@ -1,0 +1,267 @@
+//! Speech to intent with no transcript: a command's speech embeddings in,
+//! an intent with slot values out.
+//!
+//! - [`grammar`]: contexts in Picovoice Rhino's YAML format, sampled for
+//!   training and matched against text.
+//! - [`CommandFront`]: the streaming front end (mel + speech embedding, the
+//!   wake-word path's own code) reset at the start of a command, fed chunk
+//!   by chunk, read at its end. Training computes its features through the
+//!   same type, so the model never sees features inference would not make.
+//! - [`net`]: the network and its training; [`onnx`] writes it as ONNX.
+//! - [`IntentModel`]: the exported model on tract, with its labels.
+
+pub mod grammar;
+pub mod net;
+pub mod onnx;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::CHUNK_SAMPLES;
+use crate::error::ModelError;
+use crate::plan::OnnxPlan;
+use crate::wake::{EMBEDDING_DIM, EmbeddingMode, SpeechFrontEnd};
+
+/// Embeddings an intent model looks at: 64 × 80 ms = 5.12 s of audio, the
+/// newest at the end.
+pub const FRAMES: usize = 64;
+/// Chunks of silence pushed after a command so the streaming embedder has
+/// emitted the embeddings of its last words (one chunk of lag, plus the
+/// 76-frame window reaching past the end).
+pub const TAIL_CHUNKS: usize = 3;
+/// File names in a model directory.
+pub const MODEL_FILE: &str = "intent.onnx";
+pub const LABELS_FILE: &str = "labels.json";
+/// Version of `labels.json`.
+pub const LABELS_FORMAT: u32 = 1;
+
+/// The label vocabulary of a trained model (`labels.json`).
+///
+/// Head 0 has one class per intent, then "none" (out of grammar). Head
+/// `1 + s` has "absent" (class 0), then slot `s`'s values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Labels {
+    pub format: u32,
+    /// Embeddings per input.
+    pub frames: usize,
+    pub intents: Vec<String>,
+    pub slots: Vec<SlotLabels>,
+    /// Per intent: the slot heads it may fill.
+    pub intent_slots: Vec<Vec<usize>>,
+    /// Score below which a command is reported as not understood.
+    pub threshold: f32,
+    /// sha256 of the context file the model was trained on.
+    pub grammar_sha256: String,
+}
+
+/// One slot head's classes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotLabels {
+    pub name: String,
+    pub values: Vec<String>,
+}
+
+impl Labels {
+    /// Classes of each head, in the network's order.
+    pub fn head_sizes(&self) -> Vec<usize> {
+        std::iter::once(self.intents.len() + 1)
+            .chain(self.slots.iter().map(|s| s.values.len() + 1))
+            .collect()
+    }
+
+    /// Reads what every head's probabilities mean.
+    pub fn decode(&self, probs: &[Vec<f32>]) -> Understanding {
+        let intent_probs = &probs[0];
+        let best = net::argmax(intent_probs);
+        let mut score = intent_probs[best];
+        if best >= self.intents.len() {
+            return Understanding {
+                understood: false,
+                intent: None,
+                slots: Vec::new(),
+                score,
+            };
+        }
+        let mut slots = Vec::new();
+        for &s in &self.intent_slots[best] {
+            let p = &probs[1 + s];
+            let v = net::argmax(p);
+            score *= p[v];
+            if v > 0 {
+                slots.push((
+                    self.slots[s].name.clone(),
+                    self.slots[s].values[v - 1].clone(),
+                ));
+            }
+        }
+        Understanding {
+            understood: score >= self.threshold,
+            intent: Some(self.intents[best].clone()),
+            slots,
+            score,
+        }
+    }
+}
+
+/// What a command meant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Understanding {
+    /// An intent of the grammar scored at or above the model's threshold.
+    pub understood: bool,
+    /// The most likely intent (`None` when "out of grammar" won).
+    pub intent: Option<String>,
+    /// Slot name and value (the grammar's phrase), in the grammar's order.
+    pub slots: Vec<(String, String)>,
+    /// Probability of the intent times that of each slot's choice.
+    pub score: f32,
+}
+
+/// The front end for commands: reset when a command starts, fed chunks as
+/// they arrive, read once when it ends.
+pub struct CommandFront {
+    front: SpeechFrontEnd,
+    silence: [i16; CHUNK_SAMPLES],
+    partial: Vec<i16>,
+}
+
+impl CommandFront {
+    /// Loads the mel and embedding models (streaming embedding).
+    pub fn load(mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
+        Ok(CommandFront {
+            front: SpeechFrontEnd::load_files(mel, embedding, FRAMES, EmbeddingMode::Streaming)?,
+            silence: [0; CHUNK_SAMPLES],
+            partial: Vec::with_capacity(CHUNK_SAMPLES),
+        })
+    }
+
+    /// Starts a command: the history is silence again.
+    pub fn begin(&mut self) -> Result<(), ModelError> {
+        self.partial.clear();
+        self.front.reset()
+    }
+
+    /// Feeds audio of any length (16 kHz mono); whole chunks go through at once.
+    pub fn push(&mut self, samples: &[i16]) -> Result<(), ModelError> {
+        let mut rest = samples;
+        if !self.partial.is_empty() {
+            let take = (CHUNK_SAMPLES - self.partial.len()).min(rest.len());
+            self.partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.partial.len() < CHUNK_SAMPLES {
+                return Ok(());
+            }
+            let chunk = std::mem::take(&mut self.partial);
+            self.front.push_chunk(&chunk)?;
+            self.partial = chunk;
+            self.partial.clear();
+        }
+        let mut chunks = rest.chunks_exact(CHUNK_SAMPLES);
+        for chunk in &mut chunks {
+            self.front.push_chunk(chunk)?;
+        }
+        self.partial.extend_from_slice(chunks.remainder());
+        Ok(())
+    }
+
+    /// Ends the command: pads the last chunk and [`TAIL_CHUNKS`] of
+    /// silence, then copies the newest [`FRAMES`] embeddings into `out`.
+    pub fn finish(&mut self, out: &mut [f32]) -> Result<(), ModelError> {
+        if !self.partial.is_empty() {
+            self.partial.resize(CHUNK_SAMPLES, 0);
+            let chunk = std::mem::take(&mut self.partial);
+            self.front.push_chunk(&chunk)?;
+            self.partial = chunk;
+            self.partial.clear();
+        }
+        for _ in 0..TAIL_CHUNKS {
+            self.front.push_chunk(&self.silence)?;
+        }
+        self.front.copy_history(FRAMES, out)
+    }
+
+    /// `begin`, `push(samples)`, `finish`: the features of a whole clip.
+    pub fn features_of(&mut self, samples: &[i16], out: &mut [f32]) -> Result<(), ModelError> {
+        self.begin()?;
+        self.push(samples)?;
+        self.finish(out)
+    }
+}
+
+/// Values in one feature matrix.
+pub const FEATURES: usize = FRAMES * EMBEDDING_DIM;
+
+/// A trained intent model on tract.
+pub struct IntentModel {
+    labels: Labels,
+    plan: OnnxPlan,
+}
+
+impl IntentModel {
+    /// Loads `intent.onnx` and `labels.json` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let labels_path = dir.join(LABELS_FILE);
+        let load_err = |path: PathBuf, reason: String| ModelError::Load { path, reason };
+        let text = std::fs::read_to_string(&labels_path)
+            .map_err(|e| load_err(labels_path.clone(), e.to_string()))?;
+        let labels: Labels = serde_json::from_str(&text)
+            .map_err(|e| load_err(labels_path.clone(), format!("not a kith labels file: {e}")))?;
+        if labels.format != LABELS_FORMAT {
+            return Err(load_err(
+                labels_path,
+                format!(
+                    "labels format {} (this kith reads {LABELS_FORMAT}): retrain with `kith intent train`",
+                    labels.format
+                ),
+            ));
+        }
+        if labels.frames != FRAMES
+            || labels.intent_slots.len() != labels.intents.len()
+            || labels
+                .intent_slots
+                .iter()
+                .flatten()
+                .any(|&s| s >= labels.slots.len())
+        {
+            return Err(load_err(labels_path, "inconsistent labels".to_string()));
+        }
+        let model_path = dir.join(MODEL_FILE);
+        let mut plan = OnnxPlan::load(&model_path, &[&[1, FRAMES, EMBEDDING_DIM]])?;
+        // Check the outputs against the labels once, on silence.
+        plan.input_mut(0)?.fill(0.0);
+        let outs = plan.run_to_vecs()?;
+        let sizes = labels.head_sizes();
+        if outs.len() != sizes.len() || outs.iter().zip(&sizes).any(|(o, &k)| o.len() != k) {
+            return Err(ModelError::Shape {
+                model: model_path.display().to_string(),
+                reason: format!(
+                    "outputs {:?} do not match labels.json's heads {sizes:?}",
+                    outs.iter().map(Vec::len).collect::<Vec<_>>()
+                ),
+            });
+        }
+        Ok(IntentModel { labels, plan })
+    }
+
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// Every head's probabilities for one feature matrix ([`FEATURES`] values).
+    pub fn probabilities(&mut self, features: &[f32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if features.len() != FEATURES {
+            return Err(ModelError::Input(format!(
+                "intent features are {FEATURES} values, got {}",
+                features.len()
+            )));
+        }
+        self.plan.input_mut(0)?.copy_from_slice(features);
+        self.plan.run_to_vecs()
+    }
+
+    /// What a command's features mean.
+    pub fn infer(&mut self, features: &[f32]) -> Result<Understanding, ModelError> {
+        let probs = self.probabilities(features)?;
+        Ok(self.labels.decode(&probs))
+    }
+}

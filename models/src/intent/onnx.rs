@@ -1,0 +1,212 @@
+//! Writes a trained [`Net`] as an ONNX model (opset 13) that tract runs.
+//!
+//! Input `embeddings` [1, T, 96]; outputs `head0..headN` [1, K] softmax
+//! probabilities. The graph is the network's forward pass written with
+//! standard operators: Sub/Mul (normalization), Transpose, Conv with
+//! dilations, Relu, MatMul, Softmax, Gather, Add.
+
+use prost::Message;
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
+    tensor_proto::DataType, tensor_shape_proto, type_proto,
+};
+
+use super::net::{KERNEL, Net};
+
+/// Name of the input.
+pub const INPUT: &str = "embeddings";
+
+fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
+    TensorProto {
+        name: name.to_string(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: DataType::Float as i32,
+        float_data: data.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> TensorProto {
+    TensorProto {
+        name: name.to_string(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: DataType::Int64 as i32,
+        int64_data: data.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: op.to_string(),
+        name: output.to_string(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.to_string()],
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+fn value_info(name: &str, dims: &[usize]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d as i64)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The ONNX bytes of `net`.
+pub fn to_onnx(net: &Net, doc: &str) -> Vec<u8> {
+    let t = net.shape.frames;
+    let d = net.shape.dim;
+    let c = net.shape.channels;
+    let mut nodes = Vec::new();
+    let mut init = vec![
+        tensor_f32("mean", &[d], &net.mean),
+        tensor_f32("inv_std", &[d], &net.inv_std),
+    ];
+    nodes.push(node("Sub", &[INPUT, "mean"], "centered", vec![]));
+    nodes.push(node("Mul", &["centered", "inv_std"], "normalized", vec![]));
+    nodes.push(node(
+        "Transpose",
+        &["normalized"],
+        "x0",
+        vec![attr_ints("perm", &[0, 2, 1])],
+    ));
+    let mut x = "x0".to_string();
+    for (li, conv) in net.convs.iter().enumerate() {
+        // Our layout [KERNEL * c_in, c_out] → ONNX [c_out, c_in, KERNEL].
+        let mut w = vec![0.0; conv.c_out * conv.c_in * KERNEL];
+        for j in 0..KERNEL {
+            for ci in 0..conv.c_in {
+                for o in 0..conv.c_out {
+                    w[(o * conv.c_in + ci) * KERNEL + j] =
+                        conv.w[(j * conv.c_in + ci) * conv.c_out + o];
+                }
+            }
+        }
+        let (wn, bn) = (format!("conv{li}.w"), format!("conv{li}.b"));
+        init.push(tensor_f32(&wn, &[conv.c_out, conv.c_in, KERNEL], &w));
+        init.push(tensor_f32(&bn, &[conv.c_out], &conv.b));
+        let dil = conv.dilation as i64;
+        let z = format!("conv{li}");
+        nodes.push(node(
+            "Conv",
+            &[&x, &wn, &bn],
+            &z,
+            vec![
+                attr_ints("kernel_shape", &[KERNEL as i64]),
+                attr_ints("dilations", &[dil]),
+                attr_ints("pads", &[dil, dil]),
+                attr_ints("strides", &[1]),
+            ],
+        ));
+        let y = format!("relu{li}");
+        nodes.push(node("Relu", &[&z], &y, vec![]));
+        x = y;
+    }
+    // H^T [1, T, C]; every query at once: E = H^T Q [1, T, NH].
+    nodes.push(node(
+        "Transpose",
+        &[&x],
+        "ht",
+        vec![attr_ints("perm", &[0, 2, 1])],
+    ));
+    let nh = net.heads.len();
+    let mut q = vec![0.0; c * nh];
+    for (h, head) in net.heads.iter().enumerate() {
+        for ci in 0..c {
+            q[ci * nh + h] = head.q[ci];
+        }
+    }
+    init.push(tensor_f32("queries", &[c, nh], &q));
+    nodes.push(node("MatMul", &["ht", "queries"], "scores", vec![]));
+    nodes.push(node(
+        "Softmax",
+        &["scores"],
+        "attention",
+        vec![attr_int("axis", 1)],
+    ));
+    nodes.push(node(
+        "Transpose",
+        &["attention"],
+        "attention_t",
+        vec![attr_ints("perm", &[0, 2, 1])],
+    ));
+    nodes.push(node("MatMul", &["attention_t", "ht"], "pooled", vec![]));
+    let mut outputs = Vec::new();
+    for (h, (head, &k)) in net.heads.iter().zip(&net.shape.heads).enumerate() {
+        let ix = format!("head{h}.ix");
+        init.push(tensor_i64(&ix, &[], &[h as i64]));
+        let p = format!("head{h}.pooled");
+        nodes.push(node(
+            "Gather",
+            &["pooled", &ix],
+            &p,
+            vec![attr_int("axis", 1)],
+        ));
+        let (wn, bn) = (format!("head{h}.w"), format!("head{h}.b"));
+        init.push(tensor_f32(&wn, &[c, k], &head.w));
+        init.push(tensor_f32(&bn, &[k], &head.b));
+        let mm = format!("head{h}.mm");
+        nodes.push(node("MatMul", &[&p, &wn], &mm, vec![]));
+        let logits = format!("head{h}.logits");
+        nodes.push(node("Add", &[&mm, &bn], &logits, vec![]));
+        let out = format!("head{h}");
+        nodes.push(node("Softmax", &[&logits], &out, vec![attr_int("axis", 1)]));
+        outputs.push(value_info(&out, &[1, k]));
+    }
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        producer_name: "kith".to_string(),
+        producer_version: env!("CARGO_PKG_VERSION").to_string(),
+        doc_string: doc.to_string(),
+        graph: Some(GraphProto {
+            name: "intent".to_string(),
+            node: nodes,
+            initializer: init,
+            input: vec![value_info(INPUT, &[1, t, d])],
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}
