@@ -64,7 +64,7 @@ enum IntentCommand {
         #[arg(long, value_name = "DIR")]
         noise: Vec<PathBuf>,
         /// In-grammar training sentences (each spoken once, by a random voice)
-        #[arg(long, default_value_t = 4000, value_name = "N")]
+        #[arg(long, default_value_t = 8000, value_name = "N")]
         utterances: usize,
         /// Held-out test sentences (each heard clean and at 24/18/12/6 dB in babble and pink noise)
         #[arg(long, default_value_t = 200, value_name = "N")]

@@ -61,7 +61,7 @@ impl Default for TrainOptions {
             context: PathBuf::new(),
             out: PathBuf::new(),
             noise_dirs: Vec::new(),
-            utterances: 4000,
+            utterances: 8000,
             test_utterances: 200,
             epochs: 30,
             channels: 96,
