@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use kith_models::intent::grammar::{Grammar, Rng};
+use kith_models::intent::grammar::{Grammar, Rng, Utterance};
 use kith_models::intent::net::{Example, Net, Shape, TrainOptions as NetOptions};
 use kith_models::intent::{
     CommandFront, FEATURES, FRAMES, IntentModel, LABELS_FILE, LABELS_FORMAT, Labels, MODEL_FILE,
@@ -277,6 +277,22 @@ fn babble_bank(
     Ok(bank)
 }
 
+/// What each head should answer for a sentence of the grammar: its intent,
+/// and for each slot the intent may fill, the value said (or "absent").
+fn targets_of(grammar: &Grammar, u: &Utterance) -> Vec<Option<u16>> {
+    let mut targets = vec![None; 1 + grammar.slots.len()];
+    targets[0] = Some(u.intent as u16);
+    for &s in &grammar.intents[u.intent].slots {
+        let v = u
+            .slots
+            .iter()
+            .find(|(si, _)| *si == s)
+            .map_or(0, |(_, v)| v + 1);
+        targets[1 + s] = Some(v as u16);
+    }
+    targets
+}
+
 /// Makes the features of every job on `threads` threads, with a progress bar.
 fn render(
     jobs: &[Job],
@@ -434,16 +450,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         else {
             continue;
         };
-        let mut targets = vec![None; 1 + grammar.slots.len()];
-        targets[0] = Some(u.intent as u16);
-        for &s in &grammar.intents[u.intent].slots {
-            let v = u
-                .slots
-                .iter()
-                .find(|(si, _)| *si == s)
-                .map_or(0, |(_, v)| v + 1);
-            targets[1 + s] = Some(v as u16);
-        }
+        let targets = targets_of(&grammar, &u);
         let (voice, rate, pitch) = voice_of(&mut rng, &train_voices);
         said.push(u.text.clone());
         jobs.push(Job {
@@ -506,16 +513,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     for k in 0..opts.test_utterances.max(1) {
         // Each held-out sentence in turn, each time by a random test voice.
         let u = &held_out[k % held_out.len()];
-        let mut targets = vec![None; 1 + grammar.slots.len()];
-        targets[0] = Some(u.intent as u16);
-        for &s in &grammar.intents[u.intent].slots {
-            let v = u
-                .slots
-                .iter()
-                .find(|(si, _)| *si == s)
-                .map_or(0, |(_, v)| v + 1);
-            targets[1 + s] = Some(v as u16);
-        }
+        let targets = targets_of(&grammar, u);
         let (voice, rate, pitch) = voice_of(&mut rng, &test_voices);
         for (ci, c) in conditions.iter().enumerate() {
             let noise = if ci == 0 {

@@ -219,36 +219,12 @@ fn read_yaml(text: &str) -> Result<Yaml, GrammarError> {
     }
 }
 
-fn map_of(y: &Yaml, what: &str) -> Result<Vec<(String, Pos, Yaml)>, GrammarError> {
+fn map_of<'y>(y: &'y Yaml, what: &str) -> Result<&'y [(String, Pos, Yaml)], GrammarError> {
     match y {
-        Yaml::Map(entries, _) => Ok(entries
-            .iter()
-            .map(|(k, p, v)| (k.clone(), *p, v.shallow()))
-            .collect()),
+        Yaml::Map(entries, _) => Ok(entries),
         other => Err(other
             .pos()
             .error(format!("{what} must be a mapping, found {}", other.kind()))),
-    }
-}
-
-impl Yaml {
-    /// A copy (grammar files are small).
-    fn shallow(&self) -> Yaml {
-        match self {
-            Yaml::Scalar { text, pos, quoted } => Yaml::Scalar {
-                text: text.clone(),
-                pos: *pos,
-                quoted: *quoted,
-            },
-            Yaml::Seq(items, p) => Yaml::Seq(items.iter().map(Yaml::shallow).collect(), *p),
-            Yaml::Map(entries, p) => Yaml::Map(
-                entries
-                    .iter()
-                    .map(|(k, kp, v)| (k.clone(), *kp, v.shallow()))
-                    .collect(),
-                *p,
-            ),
-        }
     }
 }
 
@@ -519,6 +495,27 @@ fn parse_expression(text: &str, pos: Pos, scope: &mut Scope<'_>) -> Result<Node,
     Ok(node)
 }
 
+/// Parses each phrase of an intent (slots allowed) or a macro (not).
+fn parse_phrases(
+    phrases: &[(String, Pos)],
+    slot_types: &BTreeMap<String, (Vec<String>, Pos)>,
+    macros: &BTreeMap<String, Node>,
+    slots: &mut Vec<Slot>,
+    allow_slots: bool,
+) -> Result<Vec<Node>, GrammarError> {
+    let mut scope = Scope {
+        slot_types,
+        macros,
+        slots,
+        used: Vec::new(),
+        allow_slots,
+    };
+    phrases
+        .iter()
+        .map(|(p, pos)| parse_expression(p, *pos, &mut scope))
+        .collect()
+}
+
 impl Node {
     /// Whether every way through this node says at least one word... or any
     /// way says some: an expression that can be empty is refused.
@@ -565,7 +562,7 @@ impl Grammar {
         let mut expressions = None;
         let mut slot_section = None;
         let mut macro_section = None;
-        for (key, pos, value) in &sections {
+        for (key, pos, value) in sections {
             match key.as_str() {
                 "expressions" => expressions = Some(value),
                 "slots" => slot_section = Some(value),
@@ -583,7 +580,7 @@ impl Grammar {
         let mut slot_types = BTreeMap::new();
         if let Some(section) = slot_section {
             for (ty, pos, value) in map_of(section, "`slots`")? {
-                let phrases = phrases_of(&value, &format!("slot type `{ty}`"))?;
+                let phrases = phrases_of(value, &format!("slot type `{ty}`"))?;
                 let mut values: Vec<String> = Vec::new();
                 for (p, ppos) in phrases {
                     let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -602,26 +599,17 @@ impl Grammar {
                     }
                     values.push(p);
                 }
-                slot_types.insert(ty, (values, pos));
+                slot_types.insert(ty.clone(), (values, *pos));
             }
         }
         let mut slots = Vec::new();
         let mut macros = BTreeMap::new();
         if let Some(section) = macro_section {
             for (name, _, value) in map_of(section, "`macros`")? {
-                let phrases = phrases_of(&value, &format!("macro `@{name}`"))?;
-                let mut scope = Scope {
-                    slot_types: &slot_types,
-                    macros: &macros,
-                    slots: &mut slots,
-                    used: Vec::new(),
-                    allow_slots: false,
-                };
-                let alternatives = phrases
-                    .iter()
-                    .map(|(p, pos)| parse_expression(p, *pos, &mut scope))
-                    .collect::<Result<Vec<_>, _>>()?;
-                macros.insert(name, Node::Choice(alternatives));
+                let phrases = phrases_of(value, &format!("macro `@{name}`"))?;
+                let alternatives =
+                    parse_phrases(&phrases, &slot_types, &macros, &mut slots, false)?;
+                macros.insert(name.clone(), Node::Choice(alternatives));
             }
         }
         let mut intents = Vec::new();
@@ -630,22 +618,12 @@ impl Grammar {
             return Err(expressions.pos().error("`expressions` defines no intent"));
         }
         for (name, _, value) in intent_entries {
-            let phrases = phrases_of(&value, &format!("intent `{name}`"))?;
-            let mut scope = Scope {
-                slot_types: &slot_types,
-                macros: &macros,
-                slots: &mut slots,
-                used: Vec::new(),
-                allow_slots: true,
-            };
-            let expressions = phrases
-                .iter()
-                .map(|(p, pos)| parse_expression(p, *pos, &mut scope))
-                .collect::<Result<Vec<_>, _>>()?;
+            let phrases = phrases_of(value, &format!("intent `{name}`"))?;
+            let expressions = parse_phrases(&phrases, &slot_types, &macros, &mut slots, true)?;
             let mut used = Vec::new();
             expressions.iter().for_each(|e| e.collect_slots(&mut used));
             intents.push(Intent {
-                name,
+                name: name.clone(),
                 slots: used,
                 expressions,
             });
