@@ -72,6 +72,13 @@ pub struct AudioConfig {
     pub wav: String,
     pub wake: Vec<String>,
     pub threshold: f32,
+    /// Speech-to-intent model directory (`kith intent train` writes one);
+    /// empty: wake words only.
+    pub intent: String,
+    /// Silence that ends a spoken command, ms.
+    pub command_end_silence_ms: u32,
+    /// Longest spoken command, ms.
+    pub command_max_ms: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +178,9 @@ impl Default for AudioConfig {
             wav: String::new(),
             wake: Vec::new(),
             threshold: 0.5,
+            intent: String::new(),
+            command_end_silence_ms: 640,
+            command_max_ms: 6000,
         }
     }
 }
@@ -183,6 +193,7 @@ pub struct Overrides {
     pub node_name: Option<String>,
     pub listen_wav: Option<PathBuf>,
     pub mic: bool,
+    pub intent: Option<PathBuf>,
 }
 
 /// Where a configuration came from, for the log.
@@ -295,6 +306,9 @@ impl Config {
             self.audio.mic = true;
             self.audio.wav.clear();
         }
+        if let Some(i) = &flags.intent {
+            self.audio.intent = i.to_string_lossy().into_owned();
+        }
     }
 
     /// Checks what types alone cannot; errors name the key.
@@ -343,6 +357,18 @@ impl Config {
             );
         }
         self.validate_mesh()?;
+        if !(160..=5000).contains(&self.audio.command_end_silence_ms) {
+            bail!(
+                "audio.command_end_silence_ms = {}: must be within 160..=5000",
+                self.audio.command_end_silence_ms
+            );
+        }
+        if !(1000..=30_000).contains(&self.audio.command_max_ms) {
+            bail!(
+                "audio.command_max_ms = {}: must be within 1000..=30000",
+                self.audio.command_max_ms
+            );
+        }
         if self.audio.mic && !self.audio.wav.is_empty() {
             bail!("audio.mic = true and audio.wav are both set: choose one audio source");
         }

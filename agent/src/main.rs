@@ -64,7 +64,7 @@ enum IntentCommand {
         #[arg(long, value_name = "DIR")]
         noise: Vec<PathBuf>,
         /// In-grammar training sentences (each spoken once, by a random voice)
-        #[arg(long, default_value_t = 8000, value_name = "N")]
+        #[arg(long, default_value_t = 12000, value_name = "N")]
         utterances: usize,
         /// Held-out test sentences (each heard clean and at 24/18/12/6 dB in babble and pink noise)
         #[arg(long, default_value_t = 200, value_name = "N")]
@@ -75,12 +75,20 @@ enum IntentCommand {
         /// Channels of the network's convolutions
         #[arg(long, default_value_t = 96, value_name = "N")]
         channels: usize,
+        /// Convolution layers (dilations 1, 2, 4, ...: each doubles the time the network hears at once)
+        #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=6))]
+        layers: u32,
         /// Threads for synthesis and training [default: all cores]
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
         /// Random seed: the same seed, context and machine give the same data
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Keep the rendered clips' features here and reuse them when a later
+        /// run renders the same clips (same context, seed and data options):
+        /// trying other epochs or widths then skips synthesis
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
     },
     /// Understand commands in WAV files (or directories of them)
     Infer {
@@ -133,6 +141,10 @@ struct UpArgs {
     /// Listen for wake words on the microphone (audio.mic)
     #[arg(long)]
     mic: bool,
+    /// After each wake word, understand the command with this intent model
+    /// (audio.intent), e.g. models/intents/smart-home
+    #[arg(long, value_name = "DIR")]
+    intent: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -416,6 +428,8 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             channels,
             threads,
             seed,
+            cache,
+            layers,
         } => {
             if utterances == 0 || epochs == 0 || channels == 0 {
                 bail!("--utterances, --epochs and --channels must be at least 1");
@@ -433,6 +447,8 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 epochs,
                 channels,
                 seed,
+                cache,
+                dilations: (0..layers).map(|l| 1usize << l).collect(),
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {
@@ -446,8 +462,16 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 report.parameters,
                 report.total_secs
             );
+            eprintln!("  accepted (wrong, top choice right) per test condition:");
             for c in &report.conditions {
-                eprintln!("  {:<16} {:5.1} % of {}", c.name, 100.0 * c.rate(), c.clips);
+                eprintln!(
+                    "  {:<26} {:5.1} % of {} ({} wrong, {} top choice right)",
+                    c.name,
+                    100.0 * c.rate(),
+                    c.clips,
+                    c.wrong,
+                    c.top_right
+                );
             }
             eprintln!(
                 "  out of grammar: {:.1} % falsely accepted ({} of {})",
@@ -580,6 +604,7 @@ fn up_cmd(models_dir: Option<PathBuf>, catalog: Catalog, args: UpArgs) -> Result
         node_name: args.node_name,
         listen_wav: args.listen_wav,
         mic: args.mic,
+        intent: args.intent,
     };
     let loaded = Config::load(args.config.as_deref(), &kith_env(), &flags)
         .context("invalid configuration")?;

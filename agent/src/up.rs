@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::api::{self, AppState};
 use crate::config::Loaded;
-use crate::listen::{self, ListenOptions};
+use crate::listen::{self, CommandListener, CommandOptions, ListenOptions};
 use crate::notify::{self, Notifier};
 use crate::store::ModelStore;
 
@@ -60,6 +60,13 @@ async fn serve(loaded: Loaded, store: ModelStore) -> Result<()> {
     }
     if config.models.echo {
         state.start_worker("echo", false)?;
+    }
+    if !config.audio.intent.is_empty() {
+        let dir = std::path::Path::new(&config.audio.intent);
+        let engine = crate::intent::IntentEngine::load(&state.store, dir)
+            .with_context(|| format!("audio.intent = {:?}", config.audio.intent))?;
+        tracing::info!(model = %engine.name, dir = %dir.display(), "speech-to-intent model loaded");
+        state.set_intent(Arc::new(engine));
     }
     start_audio(&state)?;
     let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -283,14 +290,44 @@ fn start_audio(state: &Arc<AppState>) -> Result<()> {
                     return;
                 }
             };
+            let mut commands = if audio.intent.is_empty() {
+                None
+            } else {
+                let opts = CommandOptions {
+                    end_silence_ms: audio.command_end_silence_ms,
+                    max_ms: audio.command_max_ms,
+                    ..CommandOptions::default()
+                };
+                match CommandListener::load(&state.store, std::path::Path::new(&audio.intent), opts) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.context(format!("audio.intent = {:?}", audio.intent))));
+                        return;
+                    }
+                }
+            };
             let heads: Vec<String> = pipeline.heads().iter().map(|h| h.name().to_string()).collect();
-            let _ = ready_tx.send(Ok(format!("{} for {}", source.describe(), heads.join(", "))));
+            let then = if commands.is_some() { ", then the command's intent" } else { "" };
+            let _ = ready_tx.send(Ok(format!("{} for {}{then}", source.describe(), heads.join(", "))));
             state.audio.running.store(true, Ordering::SeqCst);
             let mut metered = Metered::new(source.as_mut(), &state);
-            let result = listen::run(&mut pipeline, None, &mut metered, pad_ms, &mut |event| {
-                if let listen::ListenEvent::Wake(wake) = &event {
-                    state.audio.detections.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(model = %wake.model, score = %wake.score, t_ms = wake.t_ms, "wake word heard");
+            let result = listen::run(&mut pipeline, commands.as_mut(), &mut metered, pad_ms, &mut |event| {
+                match &event {
+                    listen::ListenEvent::Wake(wake) => {
+                        state.audio.detections.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(model = %wake.model, score = %wake.score, t_ms = wake.t_ms, "wake word heard");
+                    }
+                    listen::ListenEvent::Intent(i) if i.understood => tracing::info!(
+                        intent = i.intent.as_deref().unwrap_or(""),
+                        slots = ?i.slots,
+                        score = ?i.score,
+                        ended_by = i.ended_by,
+                        "command understood"
+                    ),
+                    listen::ListenEvent::Intent(i) => tracing::info!(
+                        ended_by = i.ended_by,
+                        "command not understood (out of the grammar, or too unsure)"
+                    ),
                 }
                 if let Ok(json) = serde_json::to_string(&event) {
                     state.publish(json);

@@ -642,6 +642,174 @@ fn audio_intents_reads_the_wav_and_answers_that_no_intent_model_is_installed() {
     assert_eq!(json_body.status, 415, "{}", json_body.body);
 }
 
+/// The smart-home intent model kith ships.
+fn shipped_intent_model() -> PathBuf {
+    repo_root().join("models/intents/smart-home")
+}
+
+/// A 16 kHz mono 16-bit WAV of `seconds` of silence.
+fn silent_wav(seconds: u32) -> Vec<u8> {
+    let data = seconds * 16_000 * 2;
+    let mut w = Vec::with_capacity(44 + data as usize);
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&16_000u32.to_le_bytes());
+    w.extend_from_slice(&32_000u32.to_le_bytes());
+    w.extend_from_slice(&2u16.to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data.to_le_bytes());
+    w.resize(44 + data as usize, 0);
+    w
+}
+
+#[test]
+fn audio_intents_understands_a_spoken_command_with_the_configured_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a_dir).expect("mkdir");
+    std::fs::create_dir_all(&b_dir).expect("mkdir");
+    let command = std::fs::read(speak(&a_dir, "turn off the kitchen lights")).expect("wav");
+    let chatter = std::fs::read(speak(
+        &b_dir,
+        "my grandmother grew tomatoes behind the old railway station",
+    ))
+    .expect("wav");
+    let agent = Agent::start(
+        &format!(
+            "{BASE_CONFIG}[audio]\nintent = {:?}\n",
+            shipped_intent_model().to_str().expect("utf-8")
+        ),
+        &[],
+    );
+    let a = agent.addr;
+    assert!(
+        agent.log().contains("speech-to-intent model loaded"),
+        "{}",
+        agent.log()
+    );
+
+    let answer = http(a, "POST", "/v1/audio/intents", Some("audio/wav"), &command);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let v: Value = serde_json::from_str(&answer.body).expect("json");
+    assert_eq!(v["model"], "smart-home", "{v}");
+    assert!(v["duration_ms"].as_u64().expect("duration") > 500, "{v}");
+    assert_eq!(v["understood"], true, "{v}");
+    assert_eq!(v["intent"], "changeLightState", "{v}");
+    assert_eq!(
+        v["slots"],
+        json!({"state": "off", "location": "kitchen"}),
+        "{v}"
+    );
+    let score = v["score"].as_f64().expect("score");
+    assert!(score > 0.0 && score <= 1.0, "{v}");
+
+    // Speech outside the grammar is not understood, and says nothing more.
+    let other = http(a, "POST", "/v1/audio/intents", Some("audio/wav"), &chatter);
+    assert_eq!(other.status, 200, "{}", other.body);
+    let v: Value = serde_json::from_str(&other.body).expect("json");
+    assert_eq!(v["understood"], false, "{v}");
+    assert!(v.get("intent").is_none(), "{v}");
+
+    // A model this node does not have, by query parameter.
+    let wrong = http(
+        a,
+        "POST",
+        "/v1/audio/intents?model=coffee",
+        Some("audio/wav"),
+        &command,
+    );
+    assert_eq!(wrong.status, 404, "{}", wrong.body);
+    assert_eq!(wrong.error_code(), "model_not_found");
+    assert!(
+        wrong.body.contains("installed: smart-home"),
+        "{}",
+        wrong.body
+    );
+
+    // A minute and more is no command: refused before any inference.
+    let long = http(
+        a,
+        "POST",
+        "/v1/audio/intents",
+        Some("audio/wav"),
+        &silent_wav(61),
+    );
+    assert_eq!(long.status, 400, "{}", long.body);
+    assert!(long.body.contains("longer than 60 s"), "{}", long.body);
+
+    // The node still answers after all that.
+    let again = http(a, "POST", "/v1/audio/intents", Some("audio/wav"), &command);
+    assert_eq!(again.status, 200, "{}", again.body);
+}
+
+#[test]
+fn a_wake_word_then_a_command_in_the_configured_audio_becomes_an_intent_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The wake word, a short pause, the command (SSML for the pause).
+    let wav = dir.path().join("command.wav");
+    let ok = Command::new("espeak-ng")
+        .args(["-m", "-v", "en-us", "-s", "150", "-w"])
+        .arg(&wav)
+        .arg("hey jarvis. <break time='300ms'/> turn on the kitchen lights.")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "espeak-ng is not installed: `apt-get install espeak-ng`"
+    );
+    let agent = Agent::start(
+        &format!(
+            "[audio]\nwav = {:?}\nwake = [\"hey_jarvis\"]\nintent = {:?}\n",
+            wav.to_str().expect("utf-8"),
+            shipped_intent_model().to_str().expect("utf-8")
+        ),
+        &[],
+    );
+    let mut s = TcpStream::connect(agent.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("write");
+    let mut r = BufReader::new(s);
+    let wake: Value = serde_json::from_str(&next_data(&mut r).expect("an event")).expect("json");
+    assert_eq!(wake["event"], "wake", "{wake}");
+    let intent: Value = serde_json::from_str(&next_data(&mut r).expect("an event")).expect("json");
+    assert_eq!(intent["event"], "intent", "{intent}");
+    assert_eq!(intent["wake"], "hey_jarvis", "{intent}");
+    assert_eq!(intent["understood"], true, "{intent}");
+    assert_eq!(intent["intent"], "changeLightState", "{intent}");
+    assert_eq!(
+        intent["slots"],
+        json!({"state": "on", "location": "kitchen"}),
+        "{intent}"
+    );
+    assert!(
+        agent.log().contains("command understood"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn a_broken_intent_model_directory_stops_the_start_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["up", "--api", "127.0.0.1:0", "--intent"])
+        .arg(dir.path())
+        .env("KITH_MODELS_DIR", models_dir())
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("audio.intent"), "{err}");
+    assert!(err.contains("kith intent train"), "{err}");
+}
+
 #[test]
 fn an_invalid_configuration_is_refused_before_anything_starts_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");

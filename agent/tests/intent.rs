@@ -182,15 +182,19 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
             .unwrap_or_else(|| panic!("no condition {name}"));
         c["accepted"].as_f64().expect("n") / c["clips"].as_f64().expect("n")
     };
-    // Stated accuracy for this small context on 3 held-out sentences, voices
-    // and rates (measured 50 % clean and at 18 dB; training that learned
-    // nothing accepts none, since out-of-grammar speech stays rejected).
-    assert!(rate("clean") >= 0.4, "clean acceptance {}", rate("clean"));
+    // Stated accuracy for this small context on its held-out sentences
+    // (one each of lightsOn and lightsOff: fanSpeed's 3 sentences each say
+    // a speed no other says, so none can be spared), voices and rates:
+    // measured 96.7 % clean and 93.3 % in pink noise at 18 dB. Training that
+    // learned nothing accepts none, since out-of-grammar speech stays
+    // rejected.
+    assert!(rate("clean") >= 0.8, "clean acceptance {}", rate("clean"));
     assert!(
-        rate("pink 18 dB") >= 0.4,
+        rate("pink 18 dB") >= 0.8,
         "pink 18 dB acceptance {}",
         rate("pink 18 dB")
     );
+    assert_eq!(m["untested_intents"], serde_json::json!(["fanSpeed"]));
     let fa =
         m["false_accepts"].as_f64().expect("n") / m["out_of_grammar_clips"].as_f64().expect("n");
     assert!(fa <= 0.05, "false accept rate {fa}");
@@ -423,8 +427,8 @@ fn the_shipped_smart_home_model_matches_its_context_and_understands_commands() {
         p(wavs.path()),
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    // The shipped model's card: about half of held-out clean commands are
-    // accepted; the rest are "not understood", not a wrong intent.
+    // The shipped model's card: 77 % of clean commands in this held-out
+    // accent are accepted, 2 % wrong; the rest are "not understood".
     let (mut right, mut wrong) = (0, 0);
     for (line, (sentence, intent, slots)) in text(&o.stdout).lines().zip(&cases) {
         let v: Value = serde_json::from_str(line).expect("json");

@@ -2,11 +2,11 @@
 //! `tests/fixtures/grammars`), balanced sampling, the network's gradients
 //! and training, the ONNX export on tract, and the command front end.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use kith_models::intent::grammar::{Grammar, Rng};
-use kith_models::intent::net::{Example, Net, Shape, TrainOptions};
+use kith_models::intent::grammar::{Grammar, Rng, normalize};
+use kith_models::intent::net::{DILATIONS, Example, Net, Shape, TrainOptions};
 use kith_models::intent::{
     CommandFront, FEATURES, FRAMES, IntentModel, LABELS_FORMAT, Labels, SlotLabels, onnx,
 };
@@ -172,11 +172,85 @@ fn sampling_a_grammar_of_billions_of_sentences_is_instant() {
     }
 }
 
+#[test]
+fn holding_out_test_sentences_leaves_training_every_intent_and_every_slot_value() {
+    let contexts = [
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("intents/smart-home/context.yaml"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("intents/coffee/context.yaml"),
+        grammar_dir("good").join("lights.yaml"),
+    ];
+    for path in contexts {
+        let g = Grammar::parse(&std::fs::read_to_string(&path).expect("context")).expect("parses");
+        for seed in [1u64, 2] {
+            let held = g.hold_out(seed, 20);
+            let held_texts: HashSet<&str> =
+                held.iter().flatten().map(|u| u.text.as_str()).collect();
+            // Distinct sentences per intent, and the slot values, on a big sample.
+            let mut sampler = g.sampler(seed ^ 0xABC);
+            let mut distinct: Vec<HashSet<String>> = vec![HashSet::new(); g.intents.len()];
+            let mut trainable: HashSet<(usize, usize)> = HashSet::new();
+            let mut trained_intents: HashSet<usize> = HashSet::new();
+            let mut trained_words: HashSet<String> = HashSet::new();
+            let mut words: HashSet<String> = HashSet::new();
+            for _ in 0..20_000 {
+                let u = sampler.next_utterance();
+                distinct[u.intent].insert(u.text.clone());
+                words.extend(normalize(&u.text));
+                if !held_texts.contains(u.text.as_str()) {
+                    trained_words.extend(normalize(&u.text));
+                    trained_intents.insert(u.intent);
+                    trainable.extend(u.slots.iter().copied());
+                }
+            }
+            for (i, sentences) in held.iter().enumerate() {
+                let name = &g.intents[i].name;
+                assert!(sentences.iter().all(|u| u.intent == i), "{path:?} {name}");
+                assert!(
+                    sentences.len() <= 20,
+                    "{path:?} {name}: {}",
+                    sentences.len()
+                );
+                let d = distinct[i].len();
+                if d >= 3 {
+                    assert!(
+                        !sentences.is_empty(),
+                        "{path:?} {name}: {d} distinct, none held out"
+                    );
+                }
+                assert!(
+                    sentences.len() <= (d / 5).max(usize::from(d >= 3)),
+                    "{path:?} {name}: {} held out of {d}",
+                    sentences.len()
+                );
+                assert!(
+                    trained_intents.contains(&i),
+                    "{path:?} {name} never trained"
+                );
+            }
+            let unheard: Vec<&String> = words.difference(&trained_words).collect();
+            assert!(
+                unheard.is_empty(),
+                "{path:?}: words only in held-out sentences: {unheard:?}"
+            );
+            for (si, slot) in g.slots.iter().enumerate() {
+                for (vi, value) in slot.values.iter().enumerate() {
+                    assert!(
+                        trainable.contains(&(si, vi)),
+                        "{path:?}: slot {} value {value:?} is only in held-out sentences",
+                        slot.name
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A tiny random problem for the gradient check.
 fn tiny() -> (Net, Vec<Example>) {
     let shape = Shape {
         frames: 7,
         dim: 4,
+        dilations: DILATIONS.to_vec(),
         channels: 5,
         heads: vec![3, 2],
     };
@@ -265,6 +339,7 @@ fn training_learns_where_and_what_on_a_planted_problem() {
     let shape = Shape {
         frames: 12,
         dim: 3,
+        dilations: DILATIONS.to_vec(),
         channels: 16,
         heads: vec![3, 2],
     };
@@ -323,6 +398,7 @@ fn the_exported_onnx_model_on_tract_gives_the_networks_own_probabilities() {
         Shape {
             frames: FRAMES,
             dim: EMBEDDING_DIM,
+            dilations: DILATIONS.to_vec(),
             channels: 24,
             heads: heads.clone(),
         },
@@ -368,6 +444,7 @@ fn a_model_directory_with_broken_labels_is_refused_with_the_file_named() {
         Shape {
             frames: FRAMES,
             dim: EMBEDDING_DIM,
+            dilations: DILATIONS.to_vec(),
             channels: 8,
             heads: heads.clone(),
         },

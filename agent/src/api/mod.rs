@@ -1,6 +1,7 @@
 //! The HTTP API: OpenAI-compatible text endpoints, speech-to-intent, the
 //! event stream, health and metrics. Handlers parse and check requests and
-//! hand the work to model workers; they never run inference themselves.
+//! hand the work to model workers (text) or to the intent engine on the
+//! blocking pool (speech to intent); they never run inference themselves.
 
 mod error;
 mod metrics;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub audio: AudioStatus,
     /// The mesh, when enabled (set once, after the API is bound).
     mesh: OnceLock<Arc<crate::mesh::Mesh>>,
+    /// The speech-to-intent model (audio.intent), when configured.
+    intent: OnceLock<Arc<crate::intent::IntentEngine>>,
 }
 
 /// What `/metrics` and `/health` show of the audio pipeline.
@@ -104,7 +107,17 @@ impl AppState {
             started: Instant::now(),
             audio: AudioStatus::default(),
             mesh: OnceLock::new(),
+            intent: OnceLock::new(),
         }
+    }
+
+    /// The speech-to-intent engine, when one is configured.
+    pub fn intent(&self) -> Option<&Arc<crate::intent::IntentEngine>> {
+        self.intent.get()
+    }
+
+    pub fn set_intent(&self, engine: Arc<crate::intent::IntentEngine>) {
+        let _ = self.intent.set(engine);
     }
 
     /// The mesh, when this node is part of one.
@@ -610,31 +623,48 @@ async fn audio_intents(
         }
     };
     // Decoding is CPU work: off the runtime.
-    let duration_ms = tokio::task::spawn_blocking(move || decode_wav(wav))
+    let samples = tokio::task::spawn_blocking(move || decode_wav(wav))
         .await
         .map_err(|e| ApiError::internal(format!("decoding task: {e}")))??;
+    let duration_ms = samples.len() as u64 * 1000 / u64::from(kith_hal::SAMPLE_RATE);
     let model = model.unwrap_or_default();
-    let intent_models: Vec<String> = state
-        .store
-        .catalog()
-        .models
-        .iter()
-        .filter(|m| m.task == "speech-to-intent" && state.installed(&m.name))
-        .map(|m| m.name.clone())
-        .collect();
-    tracing::info!(duration_ms, model = %model, "audio intent request");
-    Err(ApiError::model_not_found(if intent_models.is_empty() {
-        format!(
-            "no speech-to-intent model is installed on node {} (the {duration_ms} ms of audio were read fine)",
+    let Some(engine) = state.intent().cloned() else {
+        return Err(ApiError::model_not_found(format!(
+            "no speech-to-intent model is configured on node {} (the {duration_ms} ms of audio were read fine): start it with `kith up --intent DIR` or set audio.intent",
             state.node
-        )
-    } else {
-        format!(
-            "speech-to-intent model `{model}` is not installed (installed: {})",
-            intent_models.join(", ")
-        )
-    })
-    .param("model"))
+        ))
+        .param("model"));
+    };
+    if !model.is_empty() && model != engine.name {
+        return Err(ApiError::model_not_found(format!(
+            "speech-to-intent model `{model}` is not installed on node {} (installed: {})",
+            state.node, engine.name
+        ))
+        .param("model"));
+    }
+    let started = Instant::now();
+    let understood = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || engine.understand(&samples))
+            .await
+            .map_err(|e| ApiError::internal(format!("intent task: {e}")))?
+            .map_err(|e| ApiError::internal(format!("understanding the command: {e:#}")))?
+    };
+    tracing::info!(
+        duration_ms,
+        model = %engine.name,
+        understood = understood.understood,
+        intent = understood.intent.as_deref().unwrap_or(""),
+        ms = started.elapsed().as_millis() as u64,
+        "audio intent request"
+    );
+    let mut head = serde_json::Map::new();
+    head.insert("model".into(), engine.name.clone().into());
+    head.insert("duration_ms".into(), duration_ms.into());
+    Ok(json_response(
+        StatusCode::OK,
+        &crate::intent::understanding_json(head, &understood),
+    ))
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: u64) -> ApiError {
@@ -646,21 +676,31 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: u64) -> A
 }
 
 /// Checks that `bytes` are a complete WAV file; returns its duration.
-fn decode_wav(bytes: Vec<u8>) -> Result<u64, ApiError> {
+fn decode_wav(bytes: Vec<u8>) -> Result<Vec<i16>, ApiError> {
     use kith_hal::AudioSource;
     let mut source = kith_hal::WavSource::from_bytes("the uploaded audio", bytes)
         .map_err(|e| ApiError::bad_request(e.to_string()).param("file"))?;
     let mut buf = [0i16; 4096];
-    let mut samples = 0u64;
+    let mut samples = Vec::new();
     loop {
         match source.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => samples += n as u64,
+            Ok(n) => samples.extend_from_slice(&buf[..n]),
             Err(e) => return Err(ApiError::bad_request(e.to_string()).param("file")),
         }
+        if samples.len() > MAX_COMMAND_SAMPLES {
+            return Err(ApiError::bad_request(format!(
+                "the audio is longer than {} s: a spoken command is a few seconds (the model hears the last 5.12 s)",
+                MAX_COMMAND_SAMPLES / kith_hal::SAMPLE_RATE as usize
+            ))
+            .param("file"));
+        }
     }
-    Ok(samples * 1000 / u64::from(kith_hal::SAMPLE_RATE))
+    Ok(samples)
 }
+
+/// Longest upload `POST /v1/audio/intents` takes, in samples (60 s).
+const MAX_COMMAND_SAMPLES: usize = 60 * kith_hal::SAMPLE_RATE as usize;
 
 /// Events replayed to a new `GET /v1/events` client.
 const RECENT_EVENTS: usize = 16;

@@ -8,10 +8,14 @@ pub mod voices;
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Mutex;
+
 use anyhow::{Context, Result};
 use kith_hal::{AudioSource, WavSource};
-use kith_models::intent::Understanding;
+use kith_models::intent::{CommandFront, FEATURES, IntentModel, Understanding};
 use serde_json::{Map, Value, json};
+
+use crate::store::ModelStore;
 
 /// Longest file `kith intent infer` reads, in samples (a command is a few
 /// seconds; the model looks at the last 5.12 s).
@@ -60,6 +64,55 @@ pub fn read_wav(path: &Path) -> Result<Vec<i16>> {
                 MAX_SAMPLES / 16_000
             );
         }
+    }
+}
+
+/// A speech-to-intent model with its audio front end, for whole commands
+/// (`POST /v1/audio/intents`). Blocking: run it off the async runtime. One
+/// command at a time; callers queue on the lock.
+pub struct IntentEngine {
+    /// The model's directory name (`smart-home`): what API callers ask for.
+    pub name: String,
+    pub dir: PathBuf,
+    inner: Mutex<(CommandFront, IntentModel, Vec<f32>)>,
+}
+
+impl IntentEngine {
+    /// Loads the model in `dir` and the front end from `store`.
+    pub fn load(store: &ModelStore, dir: &Path) -> Result<IntentEngine> {
+        let model = IntentModel::load(dir).with_context(|| {
+            format!(
+                "loading the intent model in {} (train one with `kith intent train`)",
+                dir.display()
+            )
+        })?;
+        let front = CommandFront::load(
+            &store.require("melspectrogram")?,
+            &store.require("embedding_model")?,
+        )
+        .context("loading the audio front end for commands")?;
+        let name = dir
+            .canonicalize()
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "intent".into());
+        Ok(IntentEngine {
+            name,
+            dir: dir.to_path_buf(),
+            inner: Mutex::new((front, model, vec![0.0; FEATURES])),
+        })
+    }
+
+    /// What a whole command (16 kHz mono) means.
+    pub fn understand(&self, samples: &[i16]) -> Result<Understanding> {
+        let mut guard = self
+            .inner
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the intent engine failed earlier (a panic)"))?;
+        let (front, model, features) = &mut *guard;
+        front.features_of(samples, features)?;
+        Ok(model.infer(features)?)
     }
 }
 

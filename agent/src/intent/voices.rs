@@ -3,7 +3,9 @@
 //!
 //! Voices and rates are split once, here, into those training may use and
 //! those kept for the held-out test, so a test figure is always on voices
-//! and rates the model never heard.
+//! and rates the model never heard: the test's voices are held-out variants
+//! (timbres) of the training accents and a held-out MBROLA voice; one whole
+//! accent (`en-029`) is kept out of training too and reported on its own.
 
 use std::process::Command;
 
@@ -17,21 +19,27 @@ pub struct Voice {
     pub espeak: String,
 }
 
-/// espeak-ng English accents used for training.
-const TRAIN_ACCENTS: [&str; 6] = [
+/// espeak-ng English accents used for training (and, with held-out
+/// variants, for the main test).
+const TRAIN_ACCENTS: [&str; 7] = [
     "en-us",
     "en-gb",
     "en-gb-scotland",
     "en-gb-x-rp",
     "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
     "en-us-nyc",
 ];
-/// Accents kept for the test.
-const TEST_ACCENTS: [&str; 2] = ["en-029", "en-gb-x-gbcwmd"];
-/// espeak-ng voice variants (timbre) used for training.
-const TRAIN_VARIANTS: [&str; 16] = [
-    "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "klatt", "klatt2", "Andy", "Annie", "Denis",
-    "Gene", "Lee", "linda",
+/// An accent no training voice has: its own test row.
+pub const HELD_OUT_ACCENT: &str = "en-029";
+/// espeak-ng voice variants (timbre) used for training. Robotic, whispered
+/// and croaking variants are left out; so are the siblings of the test's.
+const TRAIN_VARIANTS: [&str; 51] = [
+    "m1", "m2", "m3", "m4", "m5", "m6", "m8", "f1", "f2", "f3", "f5", "klatt", "klatt2", "klatt3",
+    "klatt5", "klatt6", "Andy", "Annie", "Denis", "Gene", "Gene2", "Lee", "linda", "Alex",
+    "Alicia", "Andrea", "Mike", "Michael", "adam", "anika", "aunty", "belinda", "benjamin",
+    "boris", "caleb", "david", "ed", "edward", "grandma", "grandpa", "iven", "john", "max",
+    "norbert", "paul", "quincy", "rob", "robert", "shelby", "travis", "victor",
 ];
 /// Variants kept for the test.
 const TEST_VARIANTS: [&str; 5] = ["m7", "f4", "klatt4", "michel", "steph"];
@@ -41,10 +49,15 @@ const TEST_MBROLA: [&str; 1] = ["mb-us3"];
 /// Speaking rates (words per minute): the test's rates are never trained on.
 pub const TRAIN_RATES: [u32; 7] = [125, 135, 155, 165, 175, 195, 210];
 pub const TEST_RATES: [u32; 2] = [145, 185];
+/// Speed perturbation for training: the audio is resampled by a factor in
+/// this range, which moves pitch, tempo and formants together (a shorter
+/// or longer vocal tract); the test hears voices unperturbed.
+pub const TRAIN_SPEED: (f32, f32) = (0.88, 1.12);
 
 /// The voices of one split.
 #[derive(Debug, Clone)]
 pub struct VoiceSet {
+    pub split: Split,
     pub voices: Vec<Voice>,
     pub rates: Vec<u32>,
     /// MBROLA voices found installed.
@@ -55,7 +68,10 @@ pub struct VoiceSet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
+    /// Held-out variants of the training accents, and a held-out MBROLA voice.
     Test,
+    /// Held-out variants of [`HELD_OUT_ACCENT`].
+    Accent,
 }
 
 /// The voices of `split` that work on this machine. espeak-ng must be
@@ -63,7 +79,8 @@ pub enum Split {
 pub fn voices(split: Split) -> Result<VoiceSet> {
     let (accents, variants, mbrola, rates): (&[&str], &[&str], &[&str], &[u32]) = match split {
         Split::Train => (&TRAIN_ACCENTS, &TRAIN_VARIANTS, &TRAIN_MBROLA, &TRAIN_RATES),
-        Split::Test => (&TEST_ACCENTS, &TEST_VARIANTS, &TEST_MBROLA, &TEST_RATES),
+        Split::Test => (&TRAIN_ACCENTS, &TEST_VARIANTS, &TEST_MBROLA, &TEST_RATES),
+        Split::Accent => (&[HELD_OUT_ACCENT], &TEST_VARIANTS, &[], &TEST_RATES),
     };
     synthesize(
         &Voice {
@@ -71,6 +88,7 @@ pub fn voices(split: Split) -> Result<VoiceSet> {
         },
         160,
         50,
+        1.0,
         "test",
     )
     .context(
@@ -89,26 +107,34 @@ pub fn voices(split: Split) -> Result<VoiceSet> {
         let voice = Voice {
             espeak: (*m).to_string(),
         };
-        if synthesize(&voice, 160, 50, "test").is_ok() {
+        if synthesize(&voice, 160, 50, 1.0, "test").is_ok() {
             list.push(voice);
             found += 1;
         }
     }
-    if found == 0 {
+    if found == 0 && !mbrola.is_empty() {
         tracing::warn!(
             split = ?split,
             "no MBROLA voice found: training uses espeak-ng's voices only (apt-get install mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1)"
         );
     }
     Ok(VoiceSet {
+        split,
         voices: list,
         rates: rates.to_vec(),
         mbrola: found,
     })
 }
 
-/// Speaks `text` at 16 kHz mono.
-pub fn synthesize(voice: &Voice, rate: u32, pitch: u32, text: &str) -> Result<Vec<i16>> {
+/// Speaks `text` at 16 kHz mono, `speed` times faster (and higher) than
+/// the voice's own (1.0: as it is).
+pub fn synthesize(
+    voice: &Voice,
+    rate: u32,
+    pitch: u32,
+    speed: f32,
+    text: &str,
+) -> Result<Vec<i16>> {
     let out = Command::new("espeak-ng")
         .args([
             "-v",
@@ -135,7 +161,14 @@ pub fn synthesize(voice: &Voice, rate: u32, pitch: u32, text: &str) -> Result<Ve
     if samples.is_empty() {
         bail!("espeak-ng -v {} produced no audio", voice.espeak);
     }
-    resample(rate_hz, &samples)
+    // Read the samples as if recorded at a rate `speed` times theirs
+    // (rounded to 100 Hz, which keeps the resampler's FFTs small).
+    let from_hz = if (speed - 1.0).abs() < 1e-3 {
+        rate_hz
+    } else {
+        ((rate_hz as f32 * speed / 100.0).round() as u32).max(1) * 100
+    };
+    resample(from_hz, &samples)
 }
 
 /// espeak-ng's `--stdout` WAV: a 44-byte PCM header whose lengths are

@@ -717,6 +717,90 @@ impl Grammar {
             used: self.slots.iter().map(|s| vec![0; s.values.len()]).collect(),
         }
     }
+
+    /// Sentences to keep out of training for an honest test, per intent.
+    ///
+    /// Holding out must not take from training what it needs to learn: an
+    /// intent gives at most a fifth of its distinct sentences (one, if it
+    /// has 3 to 9; none below that) and at most `per_intent`; and a
+    /// sentence is only taken while every word and every slot value it
+    /// says keeps at least half of the distinct sentences that say it (a
+    /// test sentence is a new combination of words training heard, never a
+    /// word it did not). Distinct sentences are counted on a sample of
+    /// `PROBE` per intent, so huge grammars are never enumerated.
+    pub fn hold_out(&self, seed: u64, per_intent: usize) -> Vec<Vec<Utterance>> {
+        const PROBE: usize = 400;
+        let n = self.intents.len();
+        let mut probe = self.sampler(seed ^ 0xD15C);
+        let mut seen: std::collections::HashSet<String> = Default::default();
+        let mut distinct = vec![0usize; n];
+        // What a sentence says: its words and its slot values.
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+        enum Part {
+            Word(String),
+            Value(usize, usize),
+        }
+        let parts = |u: &Utterance| -> Vec<Part> {
+            let mut p: Vec<Part> = normalize(&u.text).into_iter().map(Part::Word).collect();
+            p.extend(u.slots.iter().map(|&(s, v)| Part::Value(s, v)));
+            p.sort();
+            p.dedup();
+            p
+        };
+        let mut says: BTreeMap<Part, usize> = BTreeMap::new();
+        for _ in 0..PROBE * n {
+            let u = probe.next_utterance();
+            if seen.insert(u.text.clone()) {
+                distinct[u.intent] += 1;
+                for part in parts(&u) {
+                    *says.entry(part).or_insert(0) += 1;
+                }
+            }
+        }
+        let caps: Vec<usize> = distinct
+            .iter()
+            .map(|&d| match d {
+                0..=2 => 0,
+                3..=9 => 1,
+                _ => d / 5,
+            })
+            .map(|c| c.min(per_intent))
+            .collect();
+        let mut left = says.clone();
+        let mut held: Vec<Vec<Utterance>> = vec![Vec::new(); n];
+        let mut taken: std::collections::HashSet<String> = Default::default();
+        let mut sampler = self.sampler(seed ^ 0x7E57);
+        let wanted: usize = caps.iter().sum();
+        for _ in 0..wanted * 50 {
+            if held.iter().map(Vec::len).sum::<usize>() >= wanted {
+                break;
+            }
+            let u = sampler.next_utterance();
+            if held[u.intent].len() >= caps[u.intent] || taken.contains(&u.text) {
+                continue;
+            }
+            let counted = seen.contains(&u.text);
+            let said = parts(&u);
+            let keeps_half = said.iter().all(|part| {
+                let all = says.get(part).copied().unwrap_or(0);
+                let now = left.get(part).copied().unwrap_or(0);
+                !counted || (now >= 2 && (now - 1) * 2 >= all)
+            });
+            if !keeps_half {
+                continue;
+            }
+            if counted {
+                for part in &said {
+                    if let Some(c) = left.get_mut(part) {
+                        *c -= 1;
+                    }
+                }
+            }
+            taken.insert(u.text.clone());
+            held[u.intent].push(u);
+        }
+        held
+    }
 }
 
 /// Lower-case words, punctuation other than apostrophes dropped.

@@ -23,7 +23,7 @@ use crate::intent::grammar::Rng;
 
 /// Kernel width of every convolution.
 pub const KERNEL: usize = 3;
-/// Dilation of each convolution layer.
+/// Dilation of each convolution layer, by default.
 pub const DILATIONS: [usize; 3] = [1, 2, 4];
 
 /// Sizes of a network.
@@ -35,6 +35,8 @@ pub struct Shape {
     pub dim: usize,
     /// Channels of every convolution.
     pub channels: usize,
+    /// Dilation of each convolution layer, in order (e.g. [`DILATIONS`]).
+    pub dilations: Vec<usize>,
     /// Classes of each head.
     pub heads: Vec<usize>,
 }
@@ -171,7 +173,7 @@ impl Net {
         let mut rng = Rng::new(seed);
         let mut convs = Vec::new();
         let mut c_in = shape.dim;
-        for &dilation in &DILATIONS {
+        for &dilation in &shape.dilations {
             let fan_in = KERNEL * c_in;
             let std = (2.0 / fan_in as f32).sqrt();
             convs.push(Conv {
