@@ -155,17 +155,7 @@ const CHUNK_MS: u32 = (CHUNK_SAMPLES as u32) * 1000 / kith_models::SAMPLE_RATE;
 impl CommandListener {
     /// Loads the intent model in `dir` with its front end and a VAD.
     pub fn load(store: &ModelStore, dir: &std::path::Path, opts: CommandOptions) -> Result<Self> {
-        let model = IntentModel::load(dir).with_context(|| {
-            format!(
-                "loading the intent model in {} (train one with `kith intent train`)",
-                dir.display()
-            )
-        })?;
-        let front = CommandFront::load(
-            &store.require("melspectrogram")?,
-            &store.require("embedding_model")?,
-        )
-        .context("loading the audio front end for commands")?;
+        let (front, model) = crate::intent::load_model(store, dir)?;
         let vad = Vad::load(&store.require("silero_vad_folded")?)
             .context("loading the VAD (it finds the end of a command)")?;
         Ok(CommandListener {

@@ -493,16 +493,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             if files.is_empty() {
                 bail!("no .wav files in {paths:?}");
             }
-            let mut model = kith_models::intent::IntentModel::load(&model).with_context(|| {
-                format!(
-                    "loading the intent model in {} (train one with `kith intent train`)",
-                    model.display()
-                )
-            })?;
-            let mut front = kith_models::intent::CommandFront::load(
-                &store.require("melspectrogram")?,
-                &store.require("embedding_model")?,
-            )?;
+            let (mut front, mut model) = intent::load_model(store, &model)?;
             let mut features = vec![0.0; kith_models::intent::FEATURES];
             let mut failed = 0;
             for f in files {

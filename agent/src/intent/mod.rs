@@ -77,20 +77,26 @@ pub struct IntentEngine {
     inner: Mutex<(CommandFront, IntentModel, Vec<f32>)>,
 }
 
+/// The intent model in `dir` and the audio front end its features come from.
+pub fn load_model(store: &ModelStore, dir: &Path) -> Result<(CommandFront, IntentModel)> {
+    let model = IntentModel::load(dir).with_context(|| {
+        format!(
+            "loading the intent model in {} (train one with `kith intent train`)",
+            dir.display()
+        )
+    })?;
+    let front = CommandFront::load(
+        &store.require("melspectrogram")?,
+        &store.require("embedding_model")?,
+    )
+    .context("loading the audio front end for commands")?;
+    Ok((front, model))
+}
+
 impl IntentEngine {
     /// Loads the model in `dir` and the front end from `store`.
     pub fn load(store: &ModelStore, dir: &Path) -> Result<IntentEngine> {
-        let model = IntentModel::load(dir).with_context(|| {
-            format!(
-                "loading the intent model in {} (train one with `kith intent train`)",
-                dir.display()
-            )
-        })?;
-        let front = CommandFront::load(
-            &store.require("melspectrogram")?,
-            &store.require("embedding_model")?,
-        )
-        .context("loading the audio front end for commands")?;
+        let (front, model) = load_model(store, dir)?;
         let name = dir
             .canonicalize()
             .unwrap_or_else(|_| dir.to_path_buf())
