@@ -319,8 +319,8 @@ fn start_audio(state: &Arc<AppState>) -> Result<()> {
                     }
                     listen::ListenEvent::Intent(i) if i.understood => tracing::info!(
                         intent = i.intent.as_deref().unwrap_or(""),
-                        slots = ?i.slots,
-                        score = ?i.score,
+                        slots = %i.slots.clone().map(serde_json::Value::Object).unwrap_or_default(),
+                        score = %i.score.map(|s| format!("{s:.4}")).unwrap_or_default(),
                         ended_by = i.ended_by,
                         "command understood"
                     ),
