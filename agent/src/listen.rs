@@ -323,6 +323,9 @@ pub fn load_pipeline(store: &ModelStore, opts: &ListenOptions) -> Result<(WakeWo
     Ok((pipeline, started.elapsed().as_secs_f64() * 1e3))
 }
 
+/// After a command ends, wake words are ignored this long (ms).
+const AFTER_COMMAND_QUIET_MS: u64 = 500;
+
 /// Runs `source` through `pipeline`, with `pad_ms` of silence before and
 /// after (openWakeWord pads clips the same way: heads need context on both
 /// sides of a word). Events are passed to `on_event` as they happen, so an
@@ -340,6 +343,10 @@ pub fn run(
     let started = Instant::now();
     let start_ms = pipeline.elapsed_ms();
     let mut woke: Option<String> = None;
+    // Stream time (ms, as detections count it) before which a wake word is
+    // an echo of the command just understood: heads that hear a long
+    // window (timer, weather) fire on a command's own words after it ends.
+    let mut quiet_until_ms = 0u64;
     // The stream is `pad` zeros, the source, `pad` zeros, cut into chunks
     // exactly as openWakeWord cuts a padded clip.
     let mut lead = pad;
@@ -378,8 +385,9 @@ pub fn run(
         chunk[filled..].fill(0);
         let capturing = commands.as_ref().is_some_and(|c| c.capturing());
         pipeline.process_chunk(&chunk, &mut |d: Detection| {
-            // A wake word heard while a command is captured is part of it.
-            if !capturing {
+            // A wake word heard while a command is captured, or just after
+            // it, is part of it.
+            if !capturing && d.t_ms >= quiet_until_ms {
                 woke.get_or_insert_with(|| d.model.clone());
                 on_event(ListenEvent::Wake(WakeEvent::from_detection(d, lead_ms)));
             }
@@ -387,6 +395,7 @@ pub fn run(
         if let Some(c) = commands.as_deref_mut() {
             let t_ms = pipeline.elapsed_ms().saturating_sub(lead_ms);
             if capturing && let Some(event) = c.push(&chunk, t_ms)? {
+                quiet_until_ms = pipeline.elapsed_ms() + AFTER_COMMAND_QUIET_MS;
                 on_event(ListenEvent::Intent(event));
             }
             if let Some(wake) = woke.take() {

@@ -517,3 +517,54 @@ fn listen_hears_the_wake_word_then_understands_the_command_after_it() {
     assert_eq!(i["slots"]["state"], "off", "{i}");
     assert_eq!(i["slots"]["location"], "bedroom", "{i}");
 }
+
+#[test]
+fn a_wake_head_that_fires_on_the_commands_own_words_opens_no_second_command() {
+    // openWakeWord's timer head hears "set a timer for five minutes" too,
+    // and fires after the command has ended: that is an echo, not a wake.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = dir.path().join("two.wav");
+    let ok = Command::new("espeak-ng")
+        .args(["-m", "-v", "en-us", "-s", "150", "-w"])
+        .arg(&wav)
+        .arg(
+            "hey jarvis. <break time='300ms'/> turn on the kitchen lights. <break time='1500ms'/> \
+             hey jarvis. <break time='300ms'/> set a timer for five minutes.",
+        )
+        .status()
+        .expect("espeak-ng runs")
+        .success();
+    assert!(ok, "espeak-ng");
+    let o = kith(&[
+        "--models-dir",
+        p(&models_dir()),
+        "listen",
+        "--wav",
+        p(&wav),
+        "--json",
+        "--intent",
+        p(&repo("models/intents/smart-home")),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let events: Vec<Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| match e["event"].as_str() {
+            Some("wake") => format!("wake {}", e["model"].as_str().unwrap_or("")),
+            _ => format!("intent {}", e["intent"].as_str().unwrap_or("-")),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "wake hey_jarvis",
+            "intent changeLightState",
+            "wake hey_jarvis",
+            "intent setTimer"
+        ],
+        "{events:?}"
+    );
+}
