@@ -484,23 +484,7 @@ fn listen_hears_the_wake_word_then_understands_the_command_after_it() {
         .expect("sox")
         .success();
     assert!(ok, "sox concatenates");
-    let o = kith(&[
-        "--models-dir",
-        p(&models_dir()),
-        "listen",
-        "--wav",
-        p(&joined),
-        "--wake",
-        "hey_jarvis",
-        "--json",
-        "--intent",
-        p(&repo("models/intents/smart-home")),
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let events: Vec<Value> = text(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let events = listen_with_smart_home(&joined, &["--wake", "hey_jarvis"]);
     assert_eq!(
         events.len(),
         2,
@@ -535,21 +519,7 @@ fn a_wake_head_that_fires_on_the_commands_own_words_opens_no_second_command() {
         .expect("espeak-ng runs")
         .success();
     assert!(ok, "espeak-ng");
-    let o = kith(&[
-        "--models-dir",
-        p(&models_dir()),
-        "listen",
-        "--wav",
-        p(&wav),
-        "--json",
-        "--intent",
-        p(&repo("models/intents/smart-home")),
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let events: Vec<Value> = text(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let events = listen_with_smart_home(&wav, &[]);
     let kinds: Vec<String> = events
         .iter()
         .map(|e| match e["event"].as_str() {
@@ -567,4 +537,28 @@ fn a_wake_head_that_fires_on_the_commands_own_words_opens_no_second_command() {
         ],
         "{events:?}"
     );
+}
+
+/// `kith listen --json --intent` with the shipped smart-home model on `wav`:
+/// its events.
+fn listen_with_smart_home(wav: &Path, extra: &[&str]) -> Vec<Value> {
+    let models = models_dir();
+    let model = repo("models/intents/smart-home");
+    let mut args = vec![
+        "--models-dir",
+        p(&models),
+        "listen",
+        "--wav",
+        p(wav),
+        "--json",
+        "--intent",
+        p(&model),
+    ];
+    args.extend_from_slice(extra);
+    let o = kith(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
 }
