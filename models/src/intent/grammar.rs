@@ -298,11 +298,7 @@ fn tokenize(text: &str, start: Pos) -> Result<Vec<(Tok, Pos)>, GrammarError> {
             '$' => {
                 let begin = i;
                 i += 1;
-                let ty_start = i;
-                while i < chars.len() && is_name_char(chars[i]) {
-                    i += 1;
-                }
-                let ty: String = chars[ty_start..i].iter().collect();
+                let ty = read_name(&chars, &mut i);
                 if ty.is_empty() {
                     return Err(at(begin)
                         .error("`$` must be followed by a slot type, as in `$color:color`"));
@@ -313,11 +309,7 @@ fn tokenize(text: &str, start: Pos) -> Result<Vec<(Tok, Pos)>, GrammarError> {
                     );
                 }
                 i += 1;
-                let name_start = i;
-                while i < chars.len() && is_name_char(chars[i]) {
-                    i += 1;
-                }
-                let name: String = chars[name_start..i].iter().collect();
+                let name = read_name(&chars, &mut i);
                 if name.is_empty() {
                     return Err(at(begin).error(format!(
                         "slot `${ty}:` has an empty name: write `${ty}:name`"
@@ -328,11 +320,7 @@ fn tokenize(text: &str, start: Pos) -> Result<Vec<(Tok, Pos)>, GrammarError> {
             '@' => {
                 let begin = i;
                 i += 1;
-                let name_start = i;
-                while i < chars.len() && is_name_char(chars[i]) {
-                    i += 1;
-                }
-                let name: String = chars[name_start..i].iter().collect();
+                let name = read_name(&chars, &mut i);
                 if name.is_empty() {
                     return Err(at(begin).error("`@` must be followed by a macro name"));
                 }
@@ -801,6 +789,15 @@ impl Grammar {
         }
         held
     }
+}
+
+/// The name (slot type, slot or macro name) starting at `*i`; moves `*i` past it.
+fn read_name(chars: &[char], i: &mut usize) -> String {
+    let start = *i;
+    while *i < chars.len() && is_name_char(chars[*i]) {
+        *i += 1;
+    }
+    chars[start..*i].iter().collect()
 }
 
 /// Lower-case words, punctuation other than apostrophes dropped.
