@@ -228,16 +228,7 @@ fn infer_json_follows_the_contract_and_out_of_grammar_speech_is_not_understood()
     for (name, sentence, _) in &cases {
         say(&wavs.path().join(name), "en-029+f4", 150, sentence);
     }
-    let o = kith(&[
-        "--models-dir",
-        p(&models_dir()),
-        "intent",
-        "infer",
-        "--model",
-        p(model),
-        "--json",
-        p(wavs.path()),
-    ]);
+    let o = infer_json(model, wavs.path());
     assert!(o.status.success(), "{}", text(&o.stderr));
     let lines: Vec<Value> = text(&o.stdout)
         .lines()
@@ -298,16 +289,7 @@ fn a_truncated_wav_gets_an_error_line_and_the_other_files_still_their_answer() {
         b"this is not a wav file at all",
     )
     .expect("write");
-    let o = kith(&[
-        "--models-dir",
-        p(&models_dir()),
-        "intent",
-        "infer",
-        "--model",
-        p(model),
-        "--json",
-        p(wavs.path()),
-    ]);
+    let o = infer_json(model, wavs.path());
     assert!(
         !o.status.success(),
         "unreadable files make the exit status fail"
@@ -416,16 +398,7 @@ fn the_shipped_smart_home_model_matches_its_context_and_understands_commands() {
             sentence,
         );
     }
-    let o = kith(&[
-        "--models-dir",
-        p(&models_dir()),
-        "intent",
-        "infer",
-        "--model",
-        p(&dir),
-        "--json",
-        p(wavs.path()),
-    ]);
+    let o = infer_json(&dir, wavs.path());
     assert!(o.status.success(), "{}", text(&o.stderr));
     // The shipped model's card: 77 % of clean commands in this held-out
     // accent are accepted, 2 % wrong; the rest are "not understood".
@@ -561,4 +534,18 @@ fn listen_with_smart_home(wav: &Path, extra: &[&str]) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect()
+}
+
+/// `kith intent infer --json` with the model in `model` on `path`.
+fn infer_json(model: &Path, path: &Path) -> Output {
+    kith(&[
+        "--models-dir",
+        p(&models_dir()),
+        "intent",
+        "infer",
+        "--model",
+        p(model),
+        "--json",
+        p(path),
+    ])
 }
