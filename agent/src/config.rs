@@ -451,12 +451,24 @@ impl Config {
         if !self.node.name.is_empty() {
             return self.node.name.clone();
         }
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .ok()
+        host_name()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "kith".into())
     }
+}
+
+/// The kernel's host name, by gethostname(2): it works where /proc/sys is
+/// hidden (systemd's ProtectProc/ProcSubset sandboxing).
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length; gethostname writes at
+    // most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).trim().to_string())
 }
 
 /// `raw` read as the type of `current`.
@@ -597,6 +609,14 @@ mod tests {
         assert_eq!(loaded.config.api.listen, "127.0.0.1:0");
         assert_eq!(loaded.config.node_name(), "pi");
         assert_eq!(loaded.env_keys, vec!["api.listen"]);
+    }
+
+    #[test]
+    fn an_unnamed_node_takes_the_kernels_host_name() {
+        let loaded =
+            Config::load(Some(&write_temp("")), &env(&[]), &Overrides::default()).expect("loads");
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+        assert_eq!(loaded.config.node_name(), kernel.trim());
     }
 
     fn write_temp(text: &str) -> PathBuf {
