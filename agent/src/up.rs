@@ -32,6 +32,10 @@ pub fn up(loaded: Loaded, store: ModelStore) -> Result<()> {
 }
 
 async fn serve(loaded: Loaded, store: ModelStore) -> Result<()> {
+    // Before anything else, and so before READY=1: a SIGTERM that systemd
+    // sends right after READY must drain, not kill the process with the
+    // default action.
+    let mut signals = StopSignals::install()?;
     let config = loaded.config.clone();
     let node = config.node_name();
     let addr = config.listen_addr()?;
@@ -99,7 +103,7 @@ async fn serve(loaded: Loaded, store: ModelStore) -> Result<()> {
         tokio::spawn(watchdog(state.clone(), notifier.clone(), local, interval));
     }
 
-    let signal = stop_signal().await?;
+    let signal = signals.next().await;
     tracing::info!(
         signal,
         in_flight = state.in_flight(),
@@ -107,11 +111,10 @@ async fn serve(loaded: Loaded, store: ModelStore) -> Result<()> {
     );
     state.draining.store(true, Ordering::SeqCst);
     notifier.notify("STOPPING=1\nSTATUS=draining");
-    tokio::spawn(async {
-        if let Ok(signal) = stop_signal().await {
-            tracing::warn!(signal, "second stop signal: exiting without draining");
-            std::process::exit(1);
-        }
+    tokio::spawn(async move {
+        let signal = signals.next().await;
+        tracing::warn!(signal, "second stop signal: exiting without draining");
+        std::process::exit(1);
     });
 
     let deadline = Duration::from_secs(config.api.drain_timeout_secs);
@@ -181,14 +184,29 @@ fn announce(local: SocketAddr, state: &AppState) {
 }
 
 /// Waits for SIGTERM or SIGINT and names it.
-async fn stop_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM (systemctl stop) and SIGINT (Ctrl-C), caught from the moment
+/// they are installed: a signal that arrives before anyone waits is kept.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// The next stop signal's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 /// Waits until no request is in flight, at most `limit`; true when idle.
