@@ -27,6 +27,20 @@ export PKG_CONFIG_SYSROOT_DIR_aarch64_unknown_linux_gnu=/
 # pthread_create.
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64"
 
+# Installs the Debian packages named that are not installed yet.
+kith_apt_install() {
+  local sudo="" need=() p
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "==> installing Debian packages: ${need[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
+
 # Installs what the cross build needs on Debian (safe to run again).
 kith_cross_setup() {
   local sudo=""
@@ -36,14 +50,6 @@ kith_cross_setup() {
     $sudo dpkg --add-architecture arm64
     $sudo apt-get update -qq
   fi
-  local need=() p
-  for p in gcc-aarch64-linux-gnu libc6-dev-arm64-cross libc6:arm64 libasound2-dev:arm64 qemu-user pkg-config; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-  done
-  if [ ${#need[@]} -gt 0 ]; then
-    echo "==> installing Debian packages: ${need[*]}" >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  fi
+  kith_apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross libc6:arm64 libasound2-dev:arm64 qemu-user pkg-config
   rustup target list --installed | grep -qx "$KITH_AARCH64" || rustup target add "$KITH_AARCH64"
 }
