@@ -183,7 +183,6 @@ fn announce(local: SocketAddr, state: &AppState) {
     let _ = out.flush();
 }
 
-/// Waits for SIGTERM or SIGINT and names it.
 /// SIGTERM (systemctl stop) and SIGINT (Ctrl-C), caught from the moment
 /// they are installed: a signal that arrives before anyone waits is kept.
 struct StopSignals {
