@@ -595,6 +595,17 @@ fn a_busy_node_hands_the_request_to_an_idle_peer_with_the_same_model() {
     a.wait_serving(&lan);
     b.wait_serving(&lan);
     assert!(converged(&lan, &[&a, &b], "a", Duration::from_secs(10)));
+    // Serving is not loaded: until a's preload ends, a peer that has the
+    // model in memory is rightly sooner. Wait for both to hold it.
+    let loaded = format!("kith_model_loaded{{model=\"{MODEL}\"}}");
+    for n in [&a, &b] {
+        assert!(
+            poll(Duration::from_secs(60), || n.metric(&lan, &loaded) == 1.0),
+            "{} never loaded {MODEL}:\n{}",
+            n.name,
+            n.log()
+        );
+    }
     // Idle: the request stays on the node asked.
     let r = a.post(&lan, &chat("Say hi.", 4));
     assert_eq!(
