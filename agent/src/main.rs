@@ -78,6 +78,10 @@ enum IntentCommand {
         /// Convolution layers (dilations 1, 2, 4, ...: each doubles the time the network hears at once)
         #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=6))]
         layers: u32,
+        /// Networks trained on the same clips from different starts; the model
+        /// averages their answers (each adds a training run and ~1 ms per command)
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
+        members: u32,
         /// Threads for synthesis and training [default: all cores]
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
@@ -430,6 +434,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             seed,
             cache,
             layers,
+            members,
         } => {
             if utterances == 0 || epochs == 0 || channels == 0 {
                 bail!("--utterances, --epochs and --channels must be at least 1");
@@ -449,6 +454,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 seed,
                 cache,
                 dilations: (0..layers).map(|l| 1usize << l).collect(),
+                members: members as usize,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {

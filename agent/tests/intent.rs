@@ -203,6 +203,78 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
 }
 
 #[test]
+fn members_train_an_ensemble_that_infer_runs_as_one_model() {
+    let single = metrics(small_model());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let context = dir.path().join("lights.yaml");
+    std::fs::write(&context, SMALL_CONTEXT).expect("write context");
+    let out = dir.path().join("model");
+    let o = kith(&[
+        "--models-dir",
+        p(&models_dir()),
+        "intent",
+        "train",
+        "--context",
+        p(&context),
+        "--out",
+        p(&out),
+        "--utterances",
+        "300",
+        "--test-utterances",
+        "10",
+        "--epochs",
+        "6",
+        "--channels",
+        "64",
+        "--members",
+        "2",
+    ]);
+    assert!(o.status.success(), "training failed: {}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("training network 2/2"), "{err}");
+    let m = metrics(&out);
+    assert_eq!(m["members"], 2);
+    assert_eq!(
+        m["parameters"].as_u64().expect("n"),
+        2 * single["parameters"].as_u64().expect("n"),
+        "two networks of the small model's shape"
+    );
+    let alone = m["member_goal_accepted"].as_array().expect("array");
+    assert_eq!(alone.len(), 2);
+    assert!(
+        alone
+            .iter()
+            .all(|a| (0.0..=1.0).contains(&a.as_f64().expect("n")))
+    );
+    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).expect("card");
+    assert!(card.contains("an ensemble of 2 such networks"), "{card}");
+    // The ensemble is one ONNX file: infer loads and answers it as any model.
+    let wavs = tempfile::tempdir().expect("tempdir");
+    say(
+        &wavs.path().join("a.wav"),
+        "en-029+f4",
+        150,
+        "turn on the kitchen light",
+    );
+    let o = infer_json(&out, wavs.path());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let line: Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
+    assert!(line["understood"].is_boolean(), "{line}");
+    let o = kith(&[
+        "intent",
+        "train",
+        "--context",
+        p(&context),
+        "--out",
+        p(&out),
+        "--members",
+        "0",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--members"), "{}", text(&o.stderr));
+}
+
+#[test]
 fn infer_json_follows_the_contract_and_out_of_grammar_speech_is_not_understood() {
     let model = small_model();
     let wavs = tempfile::tempdir().expect("tempdir");

@@ -437,6 +437,62 @@ fn the_exported_onnx_model_on_tract_gives_the_networks_own_probabilities() {
     }
 }
 
+/// A network of the model's input size with random (not trained) weights,
+/// so that its heads' answers differ from another seed's.
+fn random_net(heads: &[usize], seed: u64) -> Net {
+    let mut net = Net::new(
+        Shape {
+            frames: FRAMES,
+            dim: EMBEDDING_DIM,
+            dilations: DILATIONS.to_vec(),
+            channels: 16,
+            heads: heads.to_vec(),
+        },
+        seed,
+    );
+    let mut rng = Rng::new(seed + 50);
+    for h in &mut net.heads {
+        h.q.iter_mut().for_each(|q| *q = rng.normal() * 0.3);
+        h.b.iter_mut().for_each(|b| *b = rng.normal());
+    }
+    net.mean.iter_mut().for_each(|m| *m = rng.normal() * 0.1);
+    net
+}
+
+#[test]
+fn an_exported_ensemble_on_tract_gives_the_mean_of_its_networks_probabilities() {
+    let heads = vec![4, 5, 3];
+    let nets: Vec<Net> = (0..3).map(|m| random_net(&heads, 20 + m)).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("intent.onnx"),
+        onnx::to_onnx_ensemble(&nets, "test"),
+    )
+    .expect("write onnx");
+    std::fs::write(
+        dir.path().join("labels.json"),
+        serde_json::to_string(&labels_for(&heads)).expect("json"),
+    )
+    .expect("write labels");
+    let mut model = IntentModel::load(dir.path()).expect("tract loads the ensemble");
+    let mut rng = Rng::new(7);
+    let features: Vec<f32> = (0..FEATURES).map(|_| rng.normal()).collect();
+    let mean = Net::predict_mean(&nets, &features);
+    let first = nets[0].predict(&features);
+    let tract = model.probabilities(&features).expect("runs");
+    assert_eq!(tract.len(), heads.len());
+    let mut differs = false;
+    for ((t, m), f) in tract.iter().zip(&mean).zip(&first) {
+        assert_eq!(t.len(), m.len());
+        for ((x, y), z) in t.iter().zip(m).zip(f) {
+            assert!((x - y).abs() < 1e-4, "tract {x} vs mean of the nets {y}");
+            differs |= (y - z).abs() > 1e-3;
+        }
+        assert!((t.iter().sum::<f32>() - 1.0).abs() < 1e-4, "a distribution");
+    }
+    assert!(differs, "the mean is not just the first network's answer");
+}
+
 #[test]
 fn a_model_directory_with_broken_labels_is_refused_with_the_file_named() {
     let heads = vec![3, 3, 3];

@@ -53,6 +53,9 @@ pub struct TrainOptions {
     pub channels: usize,
     /// Dilation of each convolution layer.
     pub dilations: Vec<usize>,
+    /// Networks trained on the same clips from different initial weights
+    /// and batch orders; the exported model averages their probabilities.
+    pub members: usize,
     pub threads: usize,
     pub seed: u64,
     /// Where rendered features are kept for later runs (`None`: nowhere).
@@ -70,6 +73,7 @@ impl Default for TrainOptions {
             epochs: 30,
             channels: 96,
             dilations: kith_models::intent::net::DILATIONS.to_vec(),
+            members: 1,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             seed: 1,
             cache: None,
@@ -161,7 +165,13 @@ pub struct Report {
     pub train_rates: Vec<u32>,
     pub test_rates: Vec<u32>,
     pub noise_recordings: usize,
+    /// Parameters of all the networks.
     pub parameters: usize,
+    /// Networks whose probabilities the model averages.
+    pub members: usize,
+    /// With several networks: each one alone, at its own calibrated
+    /// threshold, accepted this share of the goal conditions' clips.
+    pub member_goal_accepted: Vec<f64>,
     pub model_bytes: u64,
     pub threshold: f32,
     pub validation_accuracy: f32,
@@ -741,39 +751,87 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         dilations: opts.dilations.clone(),
         heads: labels.head_sizes(),
     };
-    let mut net = Net::new(shape, opts.seed);
-    net.fit_normalization(&examples);
+    // Member k starts from seed + k: member 0 is the single network a
+    // one-member run trains.
+    let members = opts.members.max(1);
+    let mut nets: Vec<Net> = Vec::with_capacity(members);
     let train_started = Instant::now();
-    let mut bar = Bar::new("training", opts.epochs as u64);
-    let net_opts = NetOptions {
-        epochs: opts.epochs,
-        threads: opts.threads,
-        seed: opts.seed,
-        ..NetOptions::default()
-    };
     let mut validation_accuracy = 0.0f32;
-    net.train(&examples, &validation, &net_opts, |r| {
-        validation_accuracy = validation_accuracy.max(r.validation_accuracy);
-        bar.set(
-            r.epoch as u64,
-            &format!(
-                "loss {:.3}, validation {:.1}%",
-                r.loss,
-                100.0 * r.validation_accuracy
-            ),
+    for m in 0..members {
+        let seed = opts.seed.wrapping_add(m as u64);
+        let mut net = Net::new(shape.clone(), seed);
+        net.fit_normalization(&examples);
+        let label = if members == 1 {
+            "training".to_string()
+        } else {
+            format!("training network {}/{members}", m + 1)
+        };
+        let mut bar = Bar::new(&label, opts.epochs as u64);
+        let net_opts = NetOptions {
+            epochs: opts.epochs,
+            threads: opts.threads,
+            seed,
+            ..NetOptions::default()
+        };
+        let mut best = 0.0f32;
+        net.train(&examples, &validation, &net_opts, |r| {
+            best = best.max(r.validation_accuracy);
+            bar.set(
+                r.epoch as u64,
+                &format!(
+                    "loss {:.3}, validation {:.1}%",
+                    r.loss,
+                    100.0 * r.validation_accuracy
+                ),
+            );
+        });
+        bar.finish(&format!("best validation accuracy {:.1}%", 100.0 * best));
+        validation_accuracy = best;
+        nets.push(net);
+    }
+    if members > 1 {
+        validation_accuracy = ensemble_accuracy(&nets, &validation);
+        eprintln!(
+            "{members} networks together: validation accuracy {:.1}%",
+            100.0 * validation_accuracy
         );
-    });
-    bar.finish(&format!(
-        "best validation accuracy {:.1}%",
-        100.0 * validation_accuracy
-    ));
+    }
     let training_secs = train_started.elapsed().as_secs_f64();
-    labels.threshold = calibrate(&net, &labels, &validation, none_class);
+    labels.threshold = calibrate(&nets, &labels, &validation, none_class);
+    // Each member alone, on the goal conditions at its own threshold: what
+    // the ensemble adds.
+    let member_goal_accepted: Vec<f64> = if members > 1 {
+        nets.iter()
+            .map(|net| {
+                let one = std::slice::from_ref(net);
+                let mut alone = labels.clone();
+                alone.threshold = calibrate(one, &labels, &validation, none_class);
+                let goal_jobs: Vec<(&Job, &Vec<f32>)> = test_jobs
+                    .iter()
+                    .zip(&test_features)
+                    .filter(|(j, _)| goal.get(j.condition).copied().unwrap_or(false))
+                    .collect();
+                let right = goal_jobs
+                    .iter()
+                    .filter(|(j, f)| {
+                        accepted(
+                            &alone,
+                            &j.targets,
+                            &alone.decode(&Net::predict_mean(one, f)),
+                        )
+                    })
+                    .count();
+                right as f64 / goal_jobs.len().max(1) as f64
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
 
     // Export, load back on tract, evaluate there: the figures are the shipped model's.
     let model_path = opts.out.join(MODEL_FILE);
     let doc = format!("kith intent model for context sha256 {sha}");
-    std::fs::write(&model_path, onnx::to_onnx(&net, &doc))
+    std::fs::write(&model_path, onnx::to_onnx_ensemble(&nets, &doc))
         .with_context(|| format!("writing {}", model_path.display()))?;
     std::fs::write(
         opts.out.join(LABELS_FILE),
@@ -850,7 +908,9 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         train_rates: train_voices.rates.clone(),
         test_rates: test_voices.rates.clone(),
         noise_recordings: train_bank.recorded.len(),
-        parameters: net.parameters(),
+        parameters: nets.iter().map(Net::parameters).sum(),
+        members,
+        member_goal_accepted,
         model_bytes: std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0),
         threshold: labels.threshold,
         validation_accuracy,
@@ -900,6 +960,21 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     Ok(report)
 }
 
+/// Share of examples whose every targeted head's top class, averaged over
+/// the networks, is the target (as [`Net::accuracy`] for one network).
+fn ensemble_accuracy(nets: &[Net], examples: &[Example]) -> f32 {
+    let right = examples
+        .iter()
+        .filter(|e| {
+            let probs = Net::predict_mean(nets, &e.features);
+            e.targets.iter().zip(&probs).all(|(t, p)| {
+                t.is_none_or(|t| kith_models::intent::net::argmax(p) == usize::from(t))
+            })
+        })
+        .count();
+    right as f32 / examples.len().max(1) as f32
+}
+
 /// Whether an understanding is exactly the target: understood, the intent
 /// and every slot (and no extra slot).
 fn accepted(
@@ -933,11 +1008,11 @@ fn accepted(
 
 /// The lowest threshold whose false accepts on validation negatives stay
 /// at or under 1 % (from 0.3 to 0.9), else 0.9.
-fn calibrate(net: &Net, labels: &Labels, validation: &[Example], none_class: u16) -> f32 {
+fn calibrate(nets: &[Net], labels: &Labels, validation: &[Example], none_class: u16) -> f32 {
     let scored: Vec<(bool, f32, bool)> = validation
         .iter()
         .map(|e| {
-            let u = labels.decode(&net.predict(&e.features));
+            let u = labels.decode(&Net::predict_mean(nets, &e.features));
             let negative = e.targets[0] == Some(none_class);
             let intent_ok = !negative && u.intent.is_some();
             (
@@ -979,8 +1054,21 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    let ensemble = if r.members > 1 {
+        format!(
+            "; an ensemble of {} such networks trained from different starts, whose probabilities the model averages (each alone accepts {} of the goal conditions' clips)",
+            r.members,
+            r.member_goal_accepted
+                .iter()
+                .map(|a| format!("{:.1} %", 100.0 * a))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        String::new()
+    };
     s.push_str(&format!(
-        "- Network: dilated 1-D convolutions over {} speech embeddings (5.12 s), attention-pooled heads; {} parameters, {} bytes of ONNX\n",
+        "- Network: dilated 1-D convolutions over {} speech embeddings (5.12 s), attention-pooled heads{ensemble}; {} parameters, {} bytes of ONNX\n",
         FRAMES, r.parameters, r.model_bytes
     ));
     s.push_str(&format!(

@@ -252,6 +252,30 @@ impl Net {
         trace.probs
     }
 
+    /// The mean of the class probabilities of several networks (an
+    /// ensemble) for one input, as [`crate::intent::onnx::to_onnx_ensemble`]
+    /// computes it.
+    pub fn predict_mean(nets: &[Net], features: &[f32]) -> Vec<Vec<f32>> {
+        let mut mean: Vec<Vec<f32>> = Vec::new();
+        for net in nets {
+            let probs = net.predict(features);
+            if mean.is_empty() {
+                mean = probs;
+            } else {
+                for (m, p) in mean.iter_mut().zip(&probs) {
+                    for (a, b) in m.iter_mut().zip(p) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+        let n = nets.len().max(1) as f32;
+        for v in mean.iter_mut().flatten() {
+            *v /= n;
+        }
+        mean
+    }
+
     /// The forward pass; with `noise`, training's regularization: one span
     /// of up to 6 frames masked per example (half the time) and dropout
     /// after every convolution.

@@ -3,7 +3,8 @@
 //! Input `embeddings` [1, T, 96]; outputs `head0..headN` [1, K] softmax
 //! probabilities. The graph is the network's forward pass written with
 //! standard operators: Sub/Mul (normalization), Transpose, Conv with
-//! dilations, Relu, MatMul, Softmax, Gather, Add.
+//! dilations, Relu, MatMul, Softmax, Gather, Add. An ensemble holds each
+//! member's graph side by side, and `Mean` averages their probabilities.
 
 use prost::Message;
 use tract_onnx::pb::{
@@ -90,103 +91,37 @@ fn value_info(name: &str, dims: &[usize]) -> ValueInfoProto {
 
 /// The ONNX bytes of `net`.
 pub fn to_onnx(net: &Net, doc: &str) -> Vec<u8> {
-    let t = net.shape.frames;
-    let d = net.shape.dim;
-    let c = net.shape.channels;
+    to_onnx_ensemble(std::slice::from_ref(net), doc)
+}
+
+/// The ONNX bytes of an ensemble: every member reads the same input and
+/// each output is the mean of the members' probabilities (ONNX `Mean`).
+/// One member gives the plain network's graph. The members must share a
+/// shape; `nets` must not be empty.
+pub fn to_onnx_ensemble(nets: &[Net], doc: &str) -> Vec<u8> {
+    let Some(first) = nets.first() else {
+        return Vec::new();
+    };
+    let t = first.shape.frames;
+    let d = first.shape.dim;
     let mut nodes = Vec::new();
-    let mut init = vec![
-        tensor_f32("mean", &[d], &net.mean),
-        tensor_f32("inv_std", &[d], &net.inv_std),
-    ];
-    nodes.push(node("Sub", &[INPUT, "mean"], "centered", vec![]));
-    nodes.push(node("Mul", &["centered", "inv_std"], "normalized", vec![]));
-    nodes.push(node(
-        "Transpose",
-        &["normalized"],
-        "x0",
-        vec![attr_ints("perm", &[0, 2, 1])],
-    ));
-    let mut x = "x0".to_string();
-    for (li, conv) in net.convs.iter().enumerate() {
-        // Our layout [KERNEL * c_in, c_out] → ONNX [c_out, c_in, KERNEL].
-        let mut w = vec![0.0; conv.c_out * conv.c_in * KERNEL];
-        for j in 0..KERNEL {
-            for ci in 0..conv.c_in {
-                for o in 0..conv.c_out {
-                    w[(o * conv.c_in + ci) * KERNEL + j] =
-                        conv.w[(j * conv.c_in + ci) * conv.c_out + o];
-                }
-            }
-        }
-        let (wn, bn) = (format!("conv{li}.w"), format!("conv{li}.b"));
-        init.push(tensor_f32(&wn, &[conv.c_out, conv.c_in, KERNEL], &w));
-        init.push(tensor_f32(&bn, &[conv.c_out], &conv.b));
-        let dil = conv.dilation as i64;
-        let z = format!("conv{li}");
-        nodes.push(node(
-            "Conv",
-            &[&x, &wn, &bn],
-            &z,
-            vec![
-                attr_ints("kernel_shape", &[KERNEL as i64]),
-                attr_ints("dilations", &[dil]),
-                attr_ints("pads", &[dil, dil]),
-                attr_ints("strides", &[1]),
-            ],
-        ));
-        let y = format!("relu{li}");
-        nodes.push(node("Relu", &[&z], &y, vec![]));
-        x = y;
+    let mut init = Vec::new();
+    let mut member_outputs = Vec::new();
+    for (m, net) in nets.iter().enumerate() {
+        let prefix = if nets.len() == 1 {
+            String::new()
+        } else {
+            format!("m{m}.")
+        };
+        member_outputs.push(member(net, &prefix, &mut nodes, &mut init));
     }
-    // H^T [1, T, C]; every query at once: E = H^T Q [1, T, NH].
-    nodes.push(node(
-        "Transpose",
-        &[&x],
-        "ht",
-        vec![attr_ints("perm", &[0, 2, 1])],
-    ));
-    let nh = net.heads.len();
-    let mut q = vec![0.0; c * nh];
-    for (h, head) in net.heads.iter().enumerate() {
-        for ci in 0..c {
-            q[ci * nh + h] = head.q[ci];
-        }
-    }
-    init.push(tensor_f32("queries", &[c, nh], &q));
-    nodes.push(node("MatMul", &["ht", "queries"], "scores", vec![]));
-    nodes.push(node(
-        "Softmax",
-        &["scores"],
-        "attention",
-        vec![attr_int("axis", 1)],
-    ));
-    nodes.push(node(
-        "Transpose",
-        &["attention"],
-        "attention_t",
-        vec![attr_ints("perm", &[0, 2, 1])],
-    ));
-    nodes.push(node("MatMul", &["attention_t", "ht"], "pooled", vec![]));
     let mut outputs = Vec::new();
-    for (h, (head, &k)) in net.heads.iter().zip(&net.shape.heads).enumerate() {
-        let ix = format!("head{h}.ix");
-        init.push(tensor_i64(&ix, &[], &[h as i64]));
-        let p = format!("head{h}.pooled");
-        nodes.push(node(
-            "Gather",
-            &["pooled", &ix],
-            &p,
-            vec![attr_int("axis", 1)],
-        ));
-        let (wn, bn) = (format!("head{h}.w"), format!("head{h}.b"));
-        init.push(tensor_f32(&wn, &[c, k], &head.w));
-        init.push(tensor_f32(&bn, &[k], &head.b));
-        let mm = format!("head{h}.mm");
-        nodes.push(node("MatMul", &[&p, &wn], &mm, vec![]));
-        let logits = format!("head{h}.logits");
-        nodes.push(node("Add", &[&mm, &bn], &logits, vec![]));
+    for (h, &k) in first.shape.heads.iter().enumerate() {
         let out = format!("head{h}");
-        nodes.push(node("Softmax", &[&logits], &out, vec![attr_int("axis", 1)]));
+        if nets.len() > 1 {
+            let inputs: Vec<&str> = member_outputs.iter().map(|o| o[h].as_str()).collect();
+            nodes.push(node("Mean", &inputs, &out, vec![]));
+        }
         outputs.push(value_info(&out, &[1, k]));
     }
     let model = ModelProto {
@@ -209,4 +144,125 @@ pub fn to_onnx(net: &Net, doc: &str) -> Vec<u8> {
         ..Default::default()
     };
     model.encode_to_vec()
+}
+
+/// Adds one network's forward pass to the graph, its names after `prefix`;
+/// returns the names of its heads' probabilities.
+fn member(
+    net: &Net,
+    prefix: &str,
+    nodes: &mut Vec<NodeProto>,
+    init: &mut Vec<TensorProto>,
+) -> Vec<String> {
+    let c = net.shape.channels;
+    let n = |name: &str| format!("{prefix}{name}");
+    init.push(tensor_f32(&n("mean"), &[net.shape.dim], &net.mean));
+    init.push(tensor_f32(&n("inv_std"), &[net.shape.dim], &net.inv_std));
+    nodes.push(node("Sub", &[INPUT, &n("mean")], &n("centered"), vec![]));
+    nodes.push(node(
+        "Mul",
+        &[&n("centered"), &n("inv_std")],
+        &n("normalized"),
+        vec![],
+    ));
+    nodes.push(node(
+        "Transpose",
+        &[&n("normalized")],
+        &n("x0"),
+        vec![attr_ints("perm", &[0, 2, 1])],
+    ));
+    let mut x = n("x0");
+    for (li, conv) in net.convs.iter().enumerate() {
+        // Our layout [KERNEL * c_in, c_out] → ONNX [c_out, c_in, KERNEL].
+        let mut w = vec![0.0; conv.c_out * conv.c_in * KERNEL];
+        for j in 0..KERNEL {
+            for ci in 0..conv.c_in {
+                for o in 0..conv.c_out {
+                    w[(o * conv.c_in + ci) * KERNEL + j] =
+                        conv.w[(j * conv.c_in + ci) * conv.c_out + o];
+                }
+            }
+        }
+        let (wn, bn) = (n(&format!("conv{li}.w")), n(&format!("conv{li}.b")));
+        init.push(tensor_f32(&wn, &[conv.c_out, conv.c_in, KERNEL], &w));
+        init.push(tensor_f32(&bn, &[conv.c_out], &conv.b));
+        let dil = conv.dilation as i64;
+        let z = n(&format!("conv{li}"));
+        nodes.push(node(
+            "Conv",
+            &[&x, &wn, &bn],
+            &z,
+            vec![
+                attr_ints("kernel_shape", &[KERNEL as i64]),
+                attr_ints("dilations", &[dil]),
+                attr_ints("pads", &[dil, dil]),
+                attr_ints("strides", &[1]),
+            ],
+        ));
+        let y = n(&format!("relu{li}"));
+        nodes.push(node("Relu", &[&z], &y, vec![]));
+        x = y;
+    }
+    // H^T [1, T, C]; every query at once: E = H^T Q [1, T, NH].
+    nodes.push(node(
+        "Transpose",
+        &[&x],
+        &n("ht"),
+        vec![attr_ints("perm", &[0, 2, 1])],
+    ));
+    let nh = net.heads.len();
+    let mut q = vec![0.0; c * nh];
+    for (h, head) in net.heads.iter().enumerate() {
+        for ci in 0..c {
+            q[ci * nh + h] = head.q[ci];
+        }
+    }
+    init.push(tensor_f32(&n("queries"), &[c, nh], &q));
+    nodes.push(node(
+        "MatMul",
+        &[&n("ht"), &n("queries")],
+        &n("scores"),
+        vec![],
+    ));
+    nodes.push(node(
+        "Softmax",
+        &[&n("scores")],
+        &n("attention"),
+        vec![attr_int("axis", 1)],
+    ));
+    nodes.push(node(
+        "Transpose",
+        &[&n("attention")],
+        &n("attention_t"),
+        vec![attr_ints("perm", &[0, 2, 1])],
+    ));
+    nodes.push(node(
+        "MatMul",
+        &[&n("attention_t"), &n("ht")],
+        &n("pooled"),
+        vec![],
+    ));
+    let mut outputs = Vec::new();
+    for (h, (head, &k)) in net.heads.iter().zip(&net.shape.heads).enumerate() {
+        let ix = n(&format!("head{h}.ix"));
+        init.push(tensor_i64(&ix, &[], &[h as i64]));
+        let p = n(&format!("head{h}.pooled"));
+        nodes.push(node(
+            "Gather",
+            &[&n("pooled"), &ix],
+            &p,
+            vec![attr_int("axis", 1)],
+        ));
+        let (wn, bn) = (n(&format!("head{h}.w")), n(&format!("head{h}.b")));
+        init.push(tensor_f32(&wn, &[c, k], &head.w));
+        init.push(tensor_f32(&bn, &[k], &head.b));
+        let mm = n(&format!("head{h}.mm"));
+        nodes.push(node("MatMul", &[&p, &wn], &mm, vec![]));
+        let logits = n(&format!("head{h}.logits"));
+        nodes.push(node("Add", &[&mm, &bn], &logits, vec![]));
+        let out = n(&format!("head{h}"));
+        nodes.push(node("Softmax", &[&logits], &out, vec![attr_int("axis", 1)]));
+        outputs.push(out);
+    }
+    outputs
 }
