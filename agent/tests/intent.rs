@@ -72,6 +72,34 @@ context:
     speed: ["low", "medium", "high"]
 "#;
 
+/// Trains the small context (64 channels) in `dir` with `args` added;
+/// returns the model directory and what training printed.
+fn train_small_context(dir: &Path, args: &[&str]) -> (PathBuf, String) {
+    let context = dir.join("lights.yaml");
+    std::fs::write(&context, SMALL_CONTEXT).expect("write context");
+    let out = dir.join("model");
+    let mut all = vec![
+        "--models-dir",
+        p(&models_dir()),
+        "intent",
+        "train",
+        "--context",
+        p(&context),
+        "--out",
+        p(&out),
+        "--channels",
+        "64",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect::<Vec<_>>();
+    all.extend(args.iter().map(|a| a.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let o = kith(&all);
+    assert!(o.status.success(), "training failed: {}", text(&o.stderr));
+    (out, text(&o.stderr))
+}
+
 /// Trains the small context once for every test of this file.
 fn small_model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
@@ -79,28 +107,17 @@ fn small_model() -> &'static Path {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("intent-small-context");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        let context = dir.join("lights.yaml");
-        std::fs::write(&context, SMALL_CONTEXT).expect("write context");
-        let out = dir.join("model");
-        let o = kith(&[
-            "--models-dir",
-            p(&models_dir()),
-            "intent",
-            "train",
-            "--context",
-            p(&context),
-            "--out",
-            p(&out),
-            "--utterances",
-            "900",
-            "--test-utterances",
-            "30",
-            "--epochs",
-            "20",
-            "--channels",
-            "64",
-        ]);
-        assert!(o.status.success(), "training failed: {}", text(&o.stderr));
+        let (out, _) = train_small_context(
+            &dir,
+            &[
+                "--utterances",
+                "900",
+                "--test-utterances",
+                "30",
+                "--epochs",
+                "20",
+            ],
+        );
         out
     })
 }
@@ -206,31 +223,19 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
 fn members_train_an_ensemble_that_infer_runs_as_one_model() {
     let single = metrics(small_model());
     let dir = tempfile::tempdir().expect("tempdir");
-    let context = dir.path().join("lights.yaml");
-    std::fs::write(&context, SMALL_CONTEXT).expect("write context");
-    let out = dir.path().join("model");
-    let o = kith(&[
-        "--models-dir",
-        p(&models_dir()),
-        "intent",
-        "train",
-        "--context",
-        p(&context),
-        "--out",
-        p(&out),
-        "--utterances",
-        "300",
-        "--test-utterances",
-        "10",
-        "--epochs",
-        "6",
-        "--channels",
-        "64",
-        "--members",
-        "2",
-    ]);
-    assert!(o.status.success(), "training failed: {}", text(&o.stderr));
-    let err = text(&o.stderr);
+    let (out, err) = train_small_context(
+        dir.path(),
+        &[
+            "--utterances",
+            "300",
+            "--test-utterances",
+            "10",
+            "--epochs",
+            "6",
+            "--members",
+            "2",
+        ],
+    );
     assert!(err.contains("training network 2/2"), "{err}");
     let m = metrics(&out);
     assert_eq!(m["members"], 2);
@@ -260,15 +265,16 @@ fn members_train_an_ensemble_that_infer_runs_as_one_model() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let line: Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
     assert!(line["understood"].is_boolean(), "{line}");
+    let context = dir.path().join("lights.yaml");
     let o = kith(&[
         "intent",
         "train",
+        "--members",
+        "0",
         "--context",
         p(&context),
         "--out",
         p(&out),
-        "--members",
-        "0",
     ]);
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--members"), "{}", text(&o.stderr));
