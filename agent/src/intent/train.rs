@@ -801,16 +801,16 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     // Each member alone, on the goal conditions at its own threshold: what
     // the ensemble adds.
     let member_goal_accepted: Vec<f64> = if members > 1 {
+        let goal_jobs: Vec<(&Job, &Vec<f32>)> = test_jobs
+            .iter()
+            .zip(&test_features)
+            .filter(|(j, _)| goal.get(j.condition).copied().unwrap_or(false))
+            .collect();
         nets.iter()
             .map(|net| {
                 let one = std::slice::from_ref(net);
                 let mut alone = labels.clone();
                 alone.threshold = calibrate(one, &labels, &validation, none_class);
-                let goal_jobs: Vec<(&Job, &Vec<f32>)> = test_jobs
-                    .iter()
-                    .zip(&test_features)
-                    .filter(|(j, _)| goal.get(j.condition).copied().unwrap_or(false))
-                    .collect();
                 let right = goal_jobs
                     .iter()
                     .filter(|(j, f)| {
