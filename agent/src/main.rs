@@ -82,10 +82,6 @@ enum IntentCommand {
         /// averages their answers (each adds a training run and ~1 ms per command)
         #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
         members: u32,
-        /// Mixed espeak-ng variants added to the training voices (each in every
-        /// training accent): two training variants crossed, formants and pitch jittered
-        #[arg(long, default_value_t = 0, value_name = "N")]
-        mixed_voices: usize,
         /// Threads for synthesis and training [default: all cores]
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
@@ -439,7 +435,6 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             cache,
             layers,
             members,
-            mixed_voices,
         } => {
             if utterances == 0 || epochs == 0 || channels == 0 {
                 bail!("--utterances, --epochs and --channels must be at least 1");
@@ -460,7 +455,6 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 cache,
                 dilations: (0..layers).map(|l| 1usize << l).collect(),
                 members: members as usize,
-                mixed_voices,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {

@@ -27,7 +27,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::augment::{self, NoiseBank, NoiseKind, Recipe};
-use super::voices::{self, MixedVariants, Split, Voice, VoiceSet};
+use super::voices::{self, Split, Voice, VoiceSet};
 use crate::progress::Bar;
 
 /// Everyday sentences for "not understood" examples (even lines train, odd lines test).
@@ -56,9 +56,6 @@ pub struct TrainOptions {
     /// Networks trained on the same clips from different initial weights
     /// and batch orders; the exported model averages their probabilities.
     pub members: usize,
-    /// Mixed espeak-ng variants ([`MixedVariants`]) added to the training
-    /// voices, each in every training accent.
-    pub mixed_voices: usize,
     pub threads: usize,
     pub seed: u64,
     /// Where rendered features are kept for later runs (`None`: nowhere).
@@ -77,7 +74,6 @@ impl Default for TrainOptions {
             channels: 96,
             dilations: kith_models::intent::net::DILATIONS.to_vec(),
             members: 1,
-            mixed_voices: 0,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             seed: 1,
             cache: None,
@@ -161,8 +157,6 @@ pub struct Report {
     /// not in the test.
     pub untested_intents: Vec<String>,
     pub train_voices: usize,
-    /// Training voices whose variant is a mixed one (counted in `train_voices`).
-    pub mixed_voices: usize,
     pub test_voices: usize,
     /// Voices of the accent no training voice has.
     pub accent_voices: usize,
@@ -507,12 +501,21 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     let mut labels = labels_of(&grammar, &sha);
     let n_intents = grammar.intents.len();
     let none_class = n_intents as u16;
-    let mut train_voices = voices::voices(Split::Train)?;
+    let train_voices = voices::voices(Split::Train)?;
     let test_voices = voices::voices(Split::Test)?;
     let accent_voices = voices::voices(Split::Accent)?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let mut rng = Rng::new(opts.seed);
+    eprintln!(
+        "context {}: {} intents, {} slots; {} training voices ({} MBROLA), {} test voices",
+        opts.context.display(),
+        n_intents,
+        grammar.slots.len(),
+        train_voices.voices.len(),
+        train_voices.mbrola,
+        test_voices.voices.len()
+    );
 
     // Noise banks: training babble from training voices and sentences, test
     // babble from test ones.
@@ -530,25 +533,6 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         babble: babble_bank(&oog_test, &test_voices, &mut rng, 8)?,
         recorded: Vec::new(),
     };
-    // Mixed variants join the training voices after the babble is made, so
-    // the babble, and every draw after it, is the same with or without them.
-    let mixed = match opts.mixed_voices {
-        0 => None,
-        n => Some(MixedVariants::make(n, opts.seed).context("making mixed espeak-ng variants")?),
-    };
-    if let Some(m) = &mixed {
-        m.extend(&mut train_voices);
-    }
-    eprintln!(
-        "context {}: {} intents, {} slots; {} training voices ({} MBROLA, {} mixed variants), {} test voices",
-        opts.context.display(),
-        n_intents,
-        grammar.slots.len(),
-        train_voices.voices.len(),
-        train_voices.mbrola,
-        train_voices.mixed,
-        test_voices.voices.len()
-    );
 
     // Held-out sentences, chosen first and never trained on, per intent,
     // so that training still hears every intent, word and slot value (see
@@ -917,7 +901,6 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             .map(|i| labels.intents[i].clone())
             .collect(),
         train_voices: train_voices.voices.len(),
-        mixed_voices: train_voices.mixed,
         test_voices: test_voices.voices.len(),
         accent_voices: accent_voices.voices.len(),
         held_out_accent: accent.to_string(),
@@ -1092,16 +1075,8 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         "- Data: {} training clips ({} of them \"not understood\": everyday sentences, shuffled grammar words, noise), {} validation, {} test\n",
         r.train_clips + r.validation_clips, r.negative_clips, r.validation_clips, r.test_clips
     ));
-    let mixed = if r.mixed_voices > 0 {
-        format!(
-            " ({} of them mixed variants: two training variants crossed, formants and pitch jittered)",
-            r.mixed_voices
-        )
-    } else {
-        String::new()
-    };
     s.push_str(&format!(
-        "- Voices: {} for training{mixed}, {} held out for the test ({} MBROLA voices in all); rates {:?} wpm for training, {:?} for the test\n",
+        "- Voices: {} for training, {} held out for the test ({} MBROLA voices in all); rates {:?} wpm for training, {:?} for the test\n",
         r.train_voices, r.test_voices, r.mbrola_voices, r.train_rates, r.test_rates
     ));
     s.push_str(&format!(
