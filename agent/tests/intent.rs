@@ -627,3 +627,44 @@ fn infer_json(model: &Path, path: &Path) -> Output {
         p(path),
     ])
 }
+
+#[test]
+fn the_test_clips_are_the_same_whatever_the_training_data_size() {
+    // Two runs with the same seed and cache but other --utterances: the
+    // second finds the first's test clips in the cache, so figures of runs
+    // with more or less data are measured on the very same audio.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("cache");
+    let run = |utterances: &str| {
+        train_small_context(
+            dir.path(),
+            &[
+                "--utterances",
+                utterances,
+                "--test-utterances",
+                "6",
+                "--epochs",
+                "1",
+                "--cache",
+                p(&cache),
+            ],
+        )
+        .1
+    };
+    let from_cache = |log: &str, what: &str| {
+        log.lines().any(|l| {
+            l.starts_with(&format!("synthesizing {what} clips:")) && l.contains("from the cache")
+        })
+    };
+    let first = run("60");
+    assert!(!from_cache(&first, "test"), "{first}");
+    let second = run("90");
+    assert!(
+        from_cache(&second, "test"),
+        "the second run rendered its test clips anew:\n{second}"
+    );
+    assert!(
+        !from_cache(&second, "training"),
+        "other training data cannot come from the cache:\n{second}"
+    );
+}
