@@ -34,6 +34,8 @@ use crate::progress::Bar;
 const OUT_OF_GRAMMAR: &str = include_str!("out_of_grammar.txt");
 /// The test's SNRs (dB), after the clean condition.
 pub const TEST_SNRS: [f32; 4] = [24.0, 18.0, 12.0, 6.0];
+/// Clips of a slot value in a foreign carrier, per 100 training sentences.
+const VALUE_CLIPS_PERCENT: usize = 20;
 /// Longest speech kept for training, in samples: the model sees 5.12 s.
 const MAX_SPEECH: usize = 4_600 * 16;
 
@@ -286,6 +288,20 @@ fn word_salad(grammar: &Grammar, rng: &mut Rng, sampler_texts: &[String]) -> Opt
         }
     }
     None
+}
+
+/// `phrase` after the first 1–5 words of a random everyday sentence and,
+/// half the time, before the first 1–3 words of another.
+fn foreign_carrier(phrase: &str, sentences: &[String], rng: &mut Rng) -> String {
+    let mut words: Vec<&str> = Vec::new();
+    let before = pick(sentences, rng);
+    words.extend(before.split_whitespace().take(1 + rng.below(5)));
+    words.push(phrase);
+    if rng.unit() < 0.5 {
+        let after = pick(sentences, rng);
+        words.extend(after.split_whitespace().take(1 + rng.below(3)));
+    }
+    words.join(" ")
 }
 
 /// Reads every WAV under `dirs` (16 kHz mono after conversion).
@@ -609,6 +625,53 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             pitch,
             speed,
             recipe,
+            targets,
+            condition: 0,
+            seed: rng.next_u64(),
+        });
+    }
+
+    // Slot values in foreign carriers: a value phrase between words of
+    // everyday sentences ("I'd like to visit nine my friends"), teaching
+    // the slot heads to hear a value whatever comes before it. The
+    // grammar's own carriers put a value after only one or two phrases,
+    // so a held-out command that puts it after another is otherwise new
+    // to the network. Only the heads whose slot has that phrase learn from
+    // these clips; the intent head does not.
+    let value_clips = opts.utterances * VALUE_CLIPS_PERCENT / 100;
+    let values: Vec<(usize, usize)> = labels
+        .slots
+        .iter()
+        .enumerate()
+        .flat_map(|(s, slot)| (0..slot.values.len()).map(move |v| (s, v)))
+        .collect();
+    for _ in 0..value_clips {
+        let Some(text) = (0..20).find_map(|_| {
+            let (s, v) = *pick(&values, &mut rng);
+            let phrase = labels.slots[s].values[v].as_str();
+            let text = foreign_carrier(phrase, &oog_train, &mut rng);
+            grammar
+                .parse_text(&text)
+                .is_none()
+                .then_some((phrase, text))
+        }) else {
+            continue;
+        };
+        let (phrase, text) = text;
+        let mut targets = vec![None; 1 + grammar.slots.len()];
+        for (s, slot) in labels.slots.iter().enumerate() {
+            if let Some(v) = slot.values.iter().position(|p| p == phrase) {
+                targets[1 + s] = Some(v as u16 + 1);
+            }
+        }
+        let (voice, rate, pitch, speed) = voice_of(&mut rng, &train_voices);
+        jobs.push(Job {
+            text,
+            voice,
+            rate,
+            pitch,
+            speed,
+            recipe: augment::training_recipe(&mut rng, &train_bank),
             targets,
             condition: 0,
             seed: rng.next_u64(),
@@ -1172,4 +1235,41 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         r.infer_ms
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_carrier_puts_the_value_after_the_start_of_one_sentence_and_before_another() {
+        let sentences: Vec<String> = ["what time is it now", "the dog sleeps all day long"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut rng = Rng::new(5);
+        let mut with_tail = 0;
+        for _ in 0..200 {
+            let text = foreign_carrier("forty five minutes", &sentences, &mut rng);
+            let (before, after) = text
+                .split_once(" forty five minutes")
+                .expect("the phrase is in the carrier");
+            assert!(
+                sentences.iter().any(|s| s.starts_with(before)),
+                "{before:?} does not start a sentence"
+            );
+            let words = before.split_whitespace().count();
+            assert!((1..=5).contains(&words), "{text}");
+            let after = after.trim();
+            if !after.is_empty() {
+                with_tail += 1;
+                assert!(sentences.iter().any(|s| s.starts_with(after)), "{text}");
+                assert!(after.split_whitespace().count() <= 3, "{text}");
+            }
+        }
+        assert!(
+            (60..140).contains(&with_tail),
+            "{with_tail} of 200 had words after"
+        );
+    }
 }
