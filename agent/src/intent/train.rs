@@ -582,6 +582,22 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             speed,
         )
     };
+    // A training clip of `text`: a random training voice, rate, pitch and
+    // speed, then a training recipe, then the clip's own seed (in that order).
+    let training_job = |text: String, targets: Vec<Option<u16>>, rng: &mut Rng| {
+        let (voice, rate, pitch, speed) = voice_of(rng, &train_voices);
+        Job {
+            text,
+            voice,
+            rate,
+            pitch,
+            speed,
+            recipe: augment::training_recipe(rng, &train_bank),
+            targets,
+            condition: 0,
+            seed: rng.next_u64(),
+        }
+    };
     for _ in 0..opts.utterances {
         let Some(u) = (0..100)
             .map(|_| sampler.next_utterance())
@@ -590,19 +606,8 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             continue;
         };
         let targets = targets_of(&grammar, &u);
-        let (voice, rate, pitch, speed) = voice_of(&mut rng, &train_voices);
         said.push(u.text.clone());
-        jobs.push(Job {
-            text: u.text,
-            voice,
-            rate,
-            pitch,
-            speed,
-            recipe: augment::training_recipe(&mut rng, &train_bank),
-            targets,
-            condition: 0,
-            seed: rng.next_u64(),
-        });
+        jobs.push(training_job(u.text, targets, &mut rng));
     }
     let negatives = opts.utterances * 3 / 10;
     for k in 0..negatives {
@@ -664,18 +669,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
                 targets[1 + s] = Some(v as u16 + 1);
             }
         }
-        let (voice, rate, pitch, speed) = voice_of(&mut rng, &train_voices);
-        jobs.push(Job {
-            text,
-            voice,
-            rate,
-            pitch,
-            speed,
-            recipe: augment::training_recipe(&mut rng, &train_bank),
-            targets,
-            condition: 0,
-            seed: rng.next_u64(),
-        });
+        jobs.push(training_job(text, targets, &mut rng));
     }
 
     // Test jobs: sentences never trained on, test voices and rates, each
