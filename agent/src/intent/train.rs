@@ -364,6 +364,26 @@ fn babble_bank(
     Ok(bank)
 }
 
+/// The name of the cache entry for `jobs`' features: a digest of the jobs
+/// (text, voice, rate, pitch, speed, augmentation and seed), of the babble
+/// tracks' samples (clips cut from other babble are other clips, whatever
+/// their recipe says) and of the noise recordings' paths.
+fn cache_key(jobs: &[Job], bank: &NoiseBank, opts: &TrainOptions) -> String {
+    let mut babble = Sha256::new();
+    for t in &bank.babble {
+        babble.update((t.len() as u64).to_le_bytes());
+        for v in t {
+            babble.update(v.to_le_bytes());
+        }
+    }
+    grammar_hash(&format!(
+        "features v2 {FEATURES} {jobs:?} {:?} {} {:x}",
+        opts.noise_dirs,
+        bank.recorded.len(),
+        babble.finalize()
+    ))
+}
+
 /// What each head should answer for a sentence of the grammar: its intent,
 /// and for each slot the intent may fill, the value said (or "absent").
 fn targets_of(grammar: &Grammar, u: &Utterance) -> Vec<Option<u16>> {
@@ -381,9 +401,8 @@ fn targets_of(grammar: &Grammar, u: &Utterance) -> Vec<Option<u16>> {
 }
 
 /// The features of `jobs` from the cache, or rendered (and then cached).
-/// A cache entry is named by the hash of everything that makes the clips:
-/// the jobs themselves (text, voice, rate, pitch, speed, augmentation and
-/// seed) and the noise recordings' paths.
+/// A cache entry is named by everything that makes the clips
+/// ([`cache_key`]).
 fn render_cached(
     jobs: &[Job],
     front: &FrontFiles,
@@ -394,11 +413,7 @@ fn render_cached(
     let Some(dir) = &opts.cache else {
         return render(jobs, front, bank, opts.threads, label);
     };
-    let key = grammar_hash(&format!(
-        "features v1 {FEATURES} {jobs:?} {:?} {}",
-        opts.noise_dirs,
-        bank.recorded.len()
-    ));
+    let key = cache_key(jobs, bank, opts);
     let path = dir.join(format!("{key}.f32"));
     if let Ok(bytes) = std::fs::read(&path)
         && bytes.len() == jobs.len() * FEATURES * 4
@@ -1265,5 +1280,47 @@ mod tests {
             (60..140).contains(&with_tail),
             "{with_tail} of 200 had words after"
         );
+    }
+
+    #[test]
+    fn clips_cut_from_other_babble_are_cached_under_another_name() {
+        let jobs = vec![Job {
+            text: "turn on the lights".into(),
+            voice: Voice {
+                espeak: "en-us".into(),
+            },
+            rate: 155,
+            pitch: 50,
+            speed: 1.0,
+            recipe: Recipe {
+                noise: Some((NoiseKind::Babble, 12.0)),
+                ..Recipe::clean()
+            },
+            targets: vec![Some(0)],
+            condition: 0,
+            seed: 7,
+        }];
+        let opts = TrainOptions::default();
+        let bank = |tracks: Vec<Vec<i16>>| NoiseBank {
+            babble: tracks,
+            recorded: Vec::new(),
+        };
+        let key = cache_key(&jobs, &bank(vec![vec![1, 2, 3], vec![4, 5]]), &opts);
+        assert_eq!(
+            key,
+            cache_key(&jobs, &bank(vec![vec![1, 2, 3], vec![4, 5]]), &opts),
+            "the same clips must find their cache entry"
+        );
+        for other in [
+            vec![vec![1, 2, 3], vec![4, 6]],
+            vec![vec![1, 2], vec![3, 4, 5]],
+            vec![vec![1, 2, 3]],
+        ] {
+            assert_ne!(
+                key,
+                cache_key(&jobs, &bank(other.clone()), &opts),
+                "{other:?}"
+            );
+        }
     }
 }
