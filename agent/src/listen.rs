@@ -3,6 +3,7 @@
 //! is captured until the speaker stops (VAD) and understood: one `intent`
 //! event per command.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -139,6 +140,16 @@ struct Capture {
     silence_ms: u32,
 }
 
+/// Audio from before the wake word's decision that a command starts with
+/// (ms). The wake word fires a few chunks after its last syllable (and the
+/// streaming embedding decides 80 ms later still), by which time a speaker
+/// who barely pauses has begun the command: without it, the command's first
+/// sound is cut, which the intent model never heard in training (its clips
+/// start with 50–800 ms before the speech).
+pub const PRE_ROLL_MS: u32 = 240;
+/// The pre-roll in chunks.
+const PRE_ROLL_CHUNKS: usize = (PRE_ROLL_MS / CHUNK_MS) as usize;
+
 /// Captures and understands the command after a wake word.
 pub struct CommandListener {
     front: CommandFront,
@@ -147,6 +158,8 @@ pub struct CommandListener {
     opts: CommandOptions,
     capture: Option<Capture>,
     features: Vec<f32>,
+    /// The last chunks heard while no command was captured, oldest first.
+    recent: VecDeque<[i16; CHUNK_SAMPLES]>,
 }
 
 /// Milliseconds per chunk.
@@ -165,7 +178,18 @@ impl CommandListener {
             opts,
             capture: None,
             features: vec![0.0; FEATURES],
+            recent: VecDeque::with_capacity(PRE_ROLL_CHUNKS + 1),
         })
+    }
+
+    /// A chunk heard while no command is captured: kept for the pre-roll.
+    pub fn hear(&mut self, chunk: &[i16; CHUNK_SAMPLES]) {
+        if self.recent.len() == PRE_ROLL_CHUNKS {
+            self.recent.pop_front();
+        }
+        if PRE_ROLL_CHUNKS > 0 {
+            self.recent.push_back(*chunk);
+        }
     }
 
     /// Whether a command is being captured.
@@ -174,9 +198,13 @@ impl CommandListener {
     }
 
     /// A wake word fired: the next chunks are the command.
+    /// The command starts with the pre-roll: the last chunks [`hear`](Self::hear) kept.
     pub fn begin(&mut self, wake: &str) -> Result<()> {
         self.front.begin()?;
         self.vad.reset();
+        for chunk in self.recent.drain(..) {
+            self.front.push(&chunk)?;
+        }
         self.capture = Some(Capture {
             wake: wake.to_string(),
             elapsed_ms: 0,
@@ -394,9 +422,13 @@ pub fn run(
         })?;
         if let Some(c) = commands.as_deref_mut() {
             let t_ms = pipeline.elapsed_ms().saturating_sub(lead_ms);
-            if capturing && let Some(event) = c.push(&chunk, t_ms)? {
-                quiet_until_ms = pipeline.elapsed_ms() + AFTER_COMMAND_QUIET_MS;
-                on_event(ListenEvent::Intent(event));
+            if capturing {
+                if let Some(event) = c.push(&chunk, t_ms)? {
+                    quiet_until_ms = pipeline.elapsed_ms() + AFTER_COMMAND_QUIET_MS;
+                    on_event(ListenEvent::Intent(event));
+                }
+            } else {
+                c.hear(&chunk);
             }
             if let Some(wake) = woke.take() {
                 c.begin(&wake)?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn kith(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kith"))
@@ -588,6 +588,41 @@ fn a_wake_head_that_fires_on_the_commands_own_words_opens_no_second_command() {
         ],
         "{events:?}"
     );
+}
+
+#[test]
+fn a_command_said_with_barely_a_pause_after_the_wake_word_is_heard_from_its_first_sound() {
+    // The wake word fires a few chunks after "jarvis" ends; a speaker who
+    // pauses only 100 ms has begun the command by then. The capture starts
+    // with the audio before the decision, so "turn" is not cut to "urn".
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut heard = Vec::new();
+    for rate in ["130", "150"] {
+        let wav = dir.path().join(format!("quick{rate}.wav"));
+        let ok = Command::new("espeak-ng")
+            .args(["-m", "-v", "en-us+f3", "-s", rate, "-w"])
+            .arg(&wav)
+            .arg("hey jarvis. <break time='100ms'/> turn on the kitchen lights.")
+            .status()
+            .expect("espeak-ng runs")
+            .success();
+        assert!(ok, "espeak-ng");
+        let events = listen_with_smart_home(&wav, &["--wake", "hey_jarvis"]);
+        let intent = events
+            .iter()
+            .find(|e| e["event"] == "intent")
+            .unwrap_or_else(|| panic!("no intent event at {rate} wpm: {events:?}"));
+        heard.push((rate, intent.clone()));
+    }
+    for (rate, i) in &heard {
+        assert_eq!(i["understood"], true, "{rate} wpm: {i}");
+        assert_eq!(i["intent"], "changeLightState", "{rate} wpm: {i}");
+        assert_eq!(
+            i["slots"],
+            json!({"state": "on", "location": "kitchen"}),
+            "{rate} wpm: {i}"
+        );
+    }
 }
 
 /// `kith listen --json --intent` with the shipped smart-home model on `wav`:
