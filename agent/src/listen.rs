@@ -197,8 +197,8 @@ impl CommandListener {
         self.capture.is_some()
     }
 
-    /// A wake word fired: the next chunks are the command.
-    /// The command starts with the pre-roll: the last chunks [`hear`](Self::hear) kept.
+    /// A wake word fired: the command is the pre-roll (the last chunks
+    /// [`hear`](Self::hear) kept), then the next chunks.
     pub fn begin(&mut self, wake: &str) -> Result<()> {
         self.front.begin()?;
         self.vad.reset();
