@@ -106,7 +106,31 @@ struct Job {
     /// Test condition: index into [`Report::conditions`].
     condition: usize,
     seed: u64,
+    /// What the clip is to the threshold's calibration.
+    kind: Kind,
 }
+
+/// A clip, as the threshold's calibration counts it: a command (or a
+/// slot-value clip), or one kind of speech that must not be understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Command,
+    /// An everyday sentence.
+    Everyday,
+    /// Shuffled grammar words ("volume the", "set stop").
+    Salad,
+    /// Silence or noise alone.
+    Noise,
+}
+
+/// The out-of-grammar audio the threshold is calibrated on, by weight:
+/// half everyday sentences, a third shuffled grammar words, a sixth
+/// silence or noise, whatever mix of them validation happened to draw.
+const NEGATIVE_MIX: [(Kind, f32); 3] = [
+    (Kind::Everyday, 3.0),
+    (Kind::Salad, 2.0),
+    (Kind::Noise, 1.0),
+];
 
 /// One row of the acceptance table.
 #[derive(Debug, Clone, Serialize)]
@@ -611,6 +635,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             targets,
             condition: 0,
             seed: rng.next_u64(),
+            kind: Kind::Command,
         }
     };
     for _ in 0..opts.utterances {
@@ -624,12 +649,17 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         said.push(u.text.clone());
         jobs.push(training_job(u.text, targets, &mut rng));
     }
+    // Negatives, 3 per 10 sentences: half everyday sentences, a third
+    // shuffled grammar words, a sixth silence or noise.
     let negatives = opts.utterances * 3 / 10;
     for k in 0..negatives {
-        let text = match k % 6 {
-            0..=2 => pick(&oog_train, &mut rng).clone(),
-            3 | 4 => word_salad(&grammar, &mut rng, &said).unwrap_or_default(),
-            _ => String::new(),
+        let (kind, text) = match k % 6 {
+            0..=2 => (Kind::Everyday, pick(&oog_train, &mut rng).clone()),
+            3 | 4 => match word_salad(&grammar, &mut rng, &said) {
+                Some(text) => (Kind::Salad, text),
+                None => (Kind::Noise, String::new()),
+            },
+            _ => (Kind::Noise, String::new()),
         };
         let (voice, rate, pitch, speed) = voice_of(&mut rng, &train_voices);
         let mut targets = vec![None; 1 + grammar.slots.len()];
@@ -648,6 +678,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             targets,
             condition: 0,
             seed: rng.next_u64(),
+            kind,
         });
     }
 
@@ -753,6 +784,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
                 targets: targets.clone(),
                 condition: ci,
                 seed: test_rng.next_u64(),
+                kind: Kind::Command,
             });
         }
     }
@@ -788,6 +820,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
                 targets,
                 condition: oog_condition,
                 seed: test_rng.next_u64(),
+                kind: Kind::Everyday,
             });
         }
     }
@@ -809,17 +842,24 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     let synthesis_secs = synth_started.elapsed().as_secs_f64();
 
     // Train with a tenth held back for choosing the epoch and the threshold.
-    let mut examples: Vec<Example> = jobs
+    let mut examples: Vec<(Example, Kind)> = jobs
         .iter()
         .zip(train_features)
-        .map(|(j, f)| Example {
-            features: f,
-            targets: j.targets.clone(),
+        .map(|(j, f)| {
+            let e = Example {
+                features: f,
+                targets: j.targets.clone(),
+            };
+            (e, j.kind)
         })
         .collect();
     rng.shuffle(&mut examples);
     let n_val = (examples.len() / 10).max(1);
-    let validation = examples.split_off(examples.len() - n_val);
+    let (validation, validation_kinds): (Vec<Example>, Vec<Kind>) = examples
+        .split_off(examples.len() - n_val)
+        .into_iter()
+        .unzip();
+    let examples: Vec<Example> = examples.into_iter().map(|(e, _)| e).collect();
     let shape = Shape {
         frames: FRAMES,
         dim: EMBEDDING_DIM,
@@ -873,7 +913,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         );
     }
     let training_secs = train_started.elapsed().as_secs_f64();
-    labels.threshold = calibrate(&nets, &labels, &validation, none_class);
+    labels.threshold = calibrate(&nets, &labels, &validation, &validation_kinds);
     // Each member alone, on the goal conditions at its own threshold: what
     // the ensemble adds.
     let member_goal_accepted: Vec<f64> = if members > 1 {
@@ -886,7 +926,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             .map(|net| {
                 let one = std::slice::from_ref(net);
                 let mut alone = labels.clone();
-                alone.threshold = calibrate(one, &labels, &validation, none_class);
+                alone.threshold = calibrate(one, &labels, &validation, &validation_kinds);
                 let right = goal_jobs
                     .iter()
                     .filter(|(j, f)| {
@@ -1083,31 +1123,41 @@ fn accepted(
 }
 
 /// The model's threshold, from its scores on the validation clips.
-fn calibrate(nets: &[Net], labels: &Labels, validation: &[Example], none_class: u16) -> f32 {
-    let scored: Vec<(bool, f32)> = validation
+fn calibrate(nets: &[Net], labels: &Labels, validation: &[Example], kinds: &[Kind]) -> f32 {
+    let scored: Vec<(Kind, f32)> = validation
         .iter()
-        .map(|e| {
+        .zip(kinds)
+        .filter(|(_, k)| **k != Kind::Command)
+        .map(|(e, k)| {
             let u = labels.decode(&Net::predict_mean(nets, &e.features));
-            let negative = e.targets[0] == Some(none_class);
-            (negative, if u.intent.is_some() { u.score } else { 0.0 })
+            (*k, if u.intent.is_some() { u.score } else { 0.0 })
         })
         .collect();
     lowest_threshold(&scored)
 }
 
-/// The lowest threshold at which at most 1 % of the negatives (`true`,
-/// with the score of whatever intent they were heard as) are accepted,
-/// searched in steps of 0.01 from 0.30 to 0.99; else 0.99: a model that
-/// cannot reject out-of-grammar speech should say "not understood"
-/// rather than guess.
-fn lowest_threshold(scored: &[(bool, f32)]) -> f32 {
-    let negatives = scored.iter().filter(|s| s.0).count().max(1);
+/// The lowest threshold at which at most 1 % of out-of-grammar audio
+/// mixed as [`NEGATIVE_MIX`] says is accepted (`scored`: each negative's
+/// kind and the score of whatever intent it was heard as; a kind with no
+/// clips drops out of the mix), searched in steps of 0.01 from 0.30 to
+/// 0.99; else 0.99: a model that cannot reject out-of-grammar speech
+/// should say "not understood" rather than guess.
+fn lowest_threshold(scored: &[(Kind, f32)]) -> f32 {
+    let accepted_share = |t: f32| {
+        let (mut share, mut weights) = (0.0f32, 0.0f32);
+        for (kind, weight) in NEGATIVE_MIX {
+            let clips = scored.iter().filter(|s| s.0 == kind).count();
+            if clips > 0 {
+                let accepted = scored.iter().filter(|s| s.0 == kind && s.1 >= t).count();
+                share += weight * accepted as f32 / clips as f32;
+                weights += weight;
+            }
+        }
+        if weights > 0.0 { share / weights } else { 0.0 }
+    };
     (30..=99)
         .map(|c| c as f32 / 100.0)
-        .find(|&t| {
-            let fa = scored.iter().filter(|s| s.0 && s.1 >= t).count();
-            fa as f32 / negatives as f32 <= 0.01
-        })
+        .find(|&t| accepted_share(t) <= 0.01 + 1e-6)
         .unwrap_or(0.99)
 }
 
@@ -1290,19 +1340,42 @@ mod tests {
         // 200 negatives: 2 may be accepted. Their three highest scores are
         // 0.97, 0.93 and 0.855, so 0.86 is the lowest threshold that
         // accepts only two; positives' scores do not move it.
-        let mut scored: Vec<(bool, f32)> = (0..197).map(|k| (true, k as f32 / 400.0)).collect();
-        scored.extend([(true, 0.855), (true, 0.93), (true, 0.97)]);
-        scored.extend((0..50).map(|k| (false, 0.3 + k as f32 / 100.0)));
+        let mut scored: Vec<(Kind, f32)> = (0..197)
+            .map(|k| (Kind::Everyday, k as f32 / 400.0))
+            .collect();
+        scored.extend([
+            (Kind::Everyday, 0.855),
+            (Kind::Everyday, 0.93),
+            (Kind::Everyday, 0.97),
+        ]);
         assert_eq!(lowest_threshold(&scored), 0.86);
         // Every negative under 0.2: the search starts at 0.30.
-        let quiet: Vec<(bool, f32)> = (0..100).map(|k| (true, k as f32 / 500.0)).collect();
+        let quiet: Vec<(Kind, f32)> = (0..100).map(|k| (Kind::Noise, k as f32 / 500.0)).collect();
         assert_eq!(lowest_threshold(&quiet), 0.3);
         // A model that accepts a tenth of the negatives with certainty gets
         // the strictest threshold, not a guess.
-        let loud: Vec<(bool, f32)> = (0..100)
-            .map(|k| (true, if k < 10 { 1.0 } else { 0.1 }))
+        let loud: Vec<(Kind, f32)> = (0..100)
+            .map(|k| (Kind::Salad, if k < 10 { 1.0 } else { 0.1 }))
             .collect();
         assert_eq!(lowest_threshold(&loud), 0.99);
+    }
+
+    #[test]
+    fn the_threshold_weighs_each_kind_of_negative_whatever_validation_drew_of_it() {
+        // Shuffled grammar words weigh 2 of 5 against everyday sentences
+        // (no noise clips here), however many of each there are. 4 of
+        // 100 salad clips at 0.9 are a 1.6 % share, over 1 %: the
+        // threshold must pass them, though pooled they are 4 of 1,100.
+        let mix = |everyday: usize, salad: usize, loud_salad: usize| {
+            let mut scored: Vec<(Kind, f32)> = vec![(Kind::Everyday, 0.1); everyday];
+            scored
+                .extend((0..salad).map(|k| (Kind::Salad, if k < loud_salad { 0.9 } else { 0.1 })));
+            lowest_threshold(&scored)
+        };
+        assert_eq!(mix(1000, 100, 4), 0.91);
+        // 20 of 1,000 salad clips are a 0.8 % share: allowed, though
+        // pooled they are 20 of 1,100 (1.8 %).
+        assert_eq!(mix(100, 1000, 20), 0.3);
     }
 
     #[test]
@@ -1322,6 +1395,7 @@ mod tests {
             targets: vec![Some(0)],
             condition: 0,
             seed: 7,
+            kind: Kind::Command,
         }];
         let opts = TrainOptions::default();
         let bank = |tracks: Vec<Vec<i16>>| NoiseBank {
