@@ -1339,7 +1339,7 @@ mod tests {
     fn the_threshold_is_the_lowest_hundredth_that_keeps_false_accepts_at_one_percent() {
         // 200 negatives: 2 may be accepted. Their three highest scores are
         // 0.97, 0.93 and 0.855, so 0.86 is the lowest threshold that
-        // accepts only two; positives' scores do not move it.
+        // accepts only two.
         let mut scored: Vec<(Kind, f32)> = (0..197)
             .map(|k| (Kind::Everyday, k as f32 / 400.0))
             .collect();
