@@ -504,6 +504,101 @@ fn the_shipped_smart_home_model_matches_its_context_and_understands_commands() {
     assert_eq!(wrong, 0, "a command was understood as something else");
 }
 
+/// Runs sox with `args`; panics if it fails.
+fn sox(args: &[&str]) {
+    let ok = Command::new("sox")
+        .args(args)
+        .status()
+        .expect("sox")
+        .success();
+    assert!(ok, "sox {args:?}");
+}
+
+#[test]
+fn noise_alone_is_not_understood_by_the_shipped_smart_home_model() {
+    // What a false wake in a noisy room hands the intent model: no command,
+    // only noise (soft to loud) or a room of people talking.
+    let dir = repo("models/intents/smart-home");
+    let wavs = tempfile::tempdir().expect("tempdir");
+    let w = |name: &str| wavs.path().join(name);
+    for kind in ["pinknoise", "whitenoise"] {
+        for vol in ["0.02", "0.1", "0.5"] {
+            let out = w(&format!("{kind}-{vol}.wav"));
+            sox(&[
+                "-n",
+                "-r",
+                "16000",
+                "-b",
+                "16",
+                "-c",
+                "1",
+                p(&out),
+                "synth",
+                "3",
+                kind,
+                "vol",
+                vol,
+            ]);
+        }
+    }
+    let talkers = [
+        (
+            "en-us+f2",
+            "we watched a documentary about whales last night",
+        ),
+        (
+            "en-gb+m3",
+            "my brother is flying back from Chicago on Sunday",
+        ),
+        (
+            "en-us+m5",
+            "the restaurant on the corner closed down last year",
+        ),
+        (
+            "en-029+f4",
+            "can you believe how expensive groceries have become",
+        ),
+    ];
+    // The talkers apart: only the rooms are inferred.
+    let alone = tempfile::tempdir().expect("tempdir");
+    let mut voices = Vec::new();
+    for (i, (voice, sentence)) in talkers.iter().enumerate() {
+        let path = alone.path().join(format!("talker{i}.wav"));
+        say(&path, voice, 150 + 10 * i as u32, sentence);
+        voices.push(path);
+    }
+    // Two rooms: three talkers and four.
+    for n in [3, 4] {
+        let out = w(&format!("babble-{n}.wav"));
+        let mut args = vec!["-m"];
+        args.extend(voices[..n].iter().map(|v| p(v)));
+        args.extend([
+            "-t",
+            "wav",
+            "-r",
+            "16000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            p(&out),
+            "norm",
+            "-6",
+        ]);
+        sox(&args);
+    }
+    let o = infer_json(&dir, wavs.path());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let lines: Vec<Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 8, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["understood"], false, "noise alone understood: {line}");
+    }
+}
+
 #[test]
 fn listen_hears_the_wake_word_then_understands_the_command_after_it() {
     let dir = tempfile::tempdir().expect("tempdir");
