@@ -608,28 +608,13 @@ fn listen_hears_the_wake_word_then_understands_the_command_after_it() {
     say(&command, "en-us+m3", 150, "turn off the bedroom lights");
     // wake word, 0.3 s pause, command, 1.5 s of silence; all at 16 kHz.
     let to16k = |src: &Path, dst: &Path, pad: &str| {
-        let ok = Command::new("sox")
-            .arg(src)
-            .args(["-r", "16000", "-c", "1"])
-            .arg(dst)
-            .args(["pad", "0", pad])
-            .status()
-            .expect("sox")
-            .success();
-        assert!(ok, "sox");
+        sox(&[p(src), "-r", "16000", "-c", "1", p(dst), "pad", "0", pad]);
     };
     let (w16, c16) = (dir.path().join("w16.wav"), dir.path().join("c16.wav"));
     to16k(&wake, &w16, "0.3");
     to16k(&command, &c16, "1.5");
     let joined = dir.path().join("joined.wav");
-    let ok = Command::new("sox")
-        .arg(&w16)
-        .arg(&c16)
-        .arg(&joined)
-        .status()
-        .expect("sox")
-        .success();
-    assert!(ok, "sox concatenates");
+    sox(&[p(&w16), p(&c16), p(&joined)]);
     let events = listen_with_smart_home(&joined, &["--wake", "hey_jarvis"]);
     assert_eq!(
         events.len(),
