@@ -137,7 +137,15 @@ fn reverb(x: &[f32], rt60: f32, wet: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Applies `recipe` to clean 16 kHz speech.
+/// The speech level noise is set against when a clip holds no speech
+/// (silence, or nothing at all): about what espeak-ng's voices give for a
+/// sentence (RMS 0.09–0.11 of full scale, −21 dBFS). So a noise-only clip
+/// "at 12 dB" is as loud as the noise behind a typical command at 12 dB.
+pub const REFERENCE_SPEECH_RMS: f32 = 3000.0;
+
+/// Applies `recipe` to clean 16 kHz speech. Noise is mixed at the
+/// recipe's SNR against the speech's own level, or against
+/// [`REFERENCE_SPEECH_RMS`] when the speech is silent.
 pub fn apply(speech: &[i16], recipe: &Recipe, bank: &NoiseBank, rng: &mut Rng) -> Vec<i16> {
     let lead = recipe.lead_ms as usize * 16;
     let tail = recipe.tail_ms as usize * 16;
@@ -155,11 +163,18 @@ pub fn apply(speech: &[i16], recipe: &Recipe, bank: &NoiseBank, rng: &mut Rng) -
             NoiseKind::Babble => cut(&bank.babble, x.len(), rng),
             NoiseKind::Recorded => cut(&bank.recorded, x.len(), rng),
         };
-        // SNR against the speech's own level (its samples only, not the padding).
+        // SNR against the speech's own level (its samples only, not the
+        // padding); a clip with no speech is noise alone, at the level it
+        // would have behind typical speech.
         let speech_rms = rms(&x[lead..lead + speech.len()]);
+        let speech_rms = if speech_rms > 0.0 {
+            speech_rms
+        } else {
+            REFERENCE_SPEECH_RMS
+        };
         if let Some(noise) = noise {
             let noise_rms = rms(&noise);
-            if noise_rms > 0.0 && speech_rms > 0.0 {
+            if noise_rms > 0.0 {
                 let scale = speech_rms / noise_rms / 10f32.powf(snr_db / 20.0);
                 for (s, n) in x.iter_mut().zip(&noise) {
                     *s += n * scale;
@@ -240,6 +255,32 @@ mod tests {
                 assert!(
                     (measured - snr).abs() < 0.3,
                     "{kind:?} at {snr} dB measured {measured}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_clip_without_speech_is_noise_at_the_reference_level() {
+        // Silence and no samples at all: both are "no speech".
+        for speech in [vec![0i16; 16_000], Vec::new()] {
+            for snr in [0.0f32, 12.0] {
+                let recipe = Recipe {
+                    lead_ms: 100,
+                    tail_ms: 100,
+                    noise: Some((NoiseKind::Pink, snr)),
+                    reverb: None,
+                    gain_db: 0.0,
+                };
+                let out = apply(&speech, &recipe, &NoiseBank::default(), &mut Rng::new(4));
+                assert_eq!(out.len(), speech.len() + 3_200);
+                let x: Vec<f32> = out.iter().map(|&v| f32::from(v)).collect();
+                let measured = 20.0 * (REFERENCE_SPEECH_RMS / rms(&x)).log10();
+                assert!(
+                    (measured - snr).abs() < 0.3,
+                    "{} samples of silence at {snr} dB: noise {} dB under the reference",
+                    speech.len(),
+                    measured
                 );
             }
         }

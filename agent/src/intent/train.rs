@@ -2,8 +2,7 @@
 //!
 //! 1. Sample sentences from the grammar, balanced over intents and slot
 //!    values, plus "not understood" examples: everyday sentences no command
-//!    grammar holds, shuffled grammar words, and clips with no speech
-//!    (silence: see [`Kind::Noise`]).
+//!    grammar holds, shuffled grammar words, and noise alone (no speech).
 //! 2. Speak each with a random training voice, rate and pitch; place it in
 //!    a clip with noise (0–30 dB SNR), reverb and a gain change.
 //! 3. Compute features with [`CommandFront`], the code inference runs.
@@ -120,17 +119,16 @@ enum Kind {
     Everyday,
     /// Shuffled grammar words ("volume the", "set stop").
     Salad,
-    /// No speech. Meant as silence or noise alone, but `augment::apply`
-    /// sets the noise's level against the speech's and there is none, so
-    /// no noise is mixed in: these clips are digital silence. Mixing noise
-    /// in would change every trained model, the shipped ones too; they
-    /// reject noise alone without it (the intent tests hold them to that).
+    /// No speech: noise alone (babble, pink, white or the user's), mixed
+    /// at a level set against typical speech
+    /// ([`augment::REFERENCE_SPEECH_RMS`]), what a false wake in a noisy
+    /// room hands the model.
     Noise,
 }
 
 /// The out-of-grammar audio the threshold is calibrated on, by weight:
 /// half everyday sentences, a third shuffled grammar words, a sixth
-/// no speech, whatever mix of them validation happened to draw.
+/// noise alone, whatever mix of them validation happened to draw.
 const NEGATIVE_MIX: [(Kind, f32); 3] = [
     (Kind::Everyday, 3.0),
     (Kind::Salad, 2.0),
@@ -655,8 +653,8 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         jobs.push(training_job(u.text, targets, &mut rng));
     }
     // Negatives, 3 per 10 sentences: half everyday sentences, a third
-    // shuffled grammar words, a sixth no speech (silence: the babble set
-    // below has no speech to be set against, see `Kind::Noise`).
+    // shuffled grammar words, a sixth noise alone (babble when the recipe
+    // drew no noise).
     let negatives = opts.utterances * 3 / 10;
     for k in 0..negatives {
         let (kind, text) = match k % 6 {
