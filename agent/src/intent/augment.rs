@@ -139,8 +139,9 @@ fn reverb(x: &[f32], rt60: f32, wet: f32) -> Vec<f32> {
 
 /// The speech level noise is set against when a clip holds no speech
 /// (silence, or nothing at all): about what espeak-ng's voices give for a
-/// sentence (RMS 0.09–0.11 of full scale, −21 dBFS). So a noise-only clip
-/// "at 12 dB" is as loud as the noise behind a typical command at 12 dB.
+/// sentence (RMS 0.08–0.10 of full scale over a whole sentence, −21 dBFS).
+/// So a noise-only clip "at 12 dB" is as loud as the noise behind a
+/// typical command at 12 dB.
 pub const REFERENCE_SPEECH_RMS: f32 = 3000.0;
 
 /// Applies `recipe` to clean 16 kHz speech. Noise is mixed at the
