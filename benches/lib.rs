@@ -1,2 +1,3 @@
-//! Benchmarks live in this crate's bench targets (`wake.rs`) and in the
-//! comparison script `compare_openwakeword.py`; the library is empty.
+//! Benchmarks live in this crate's bench targets (`wake.rs`,
+//! `intent_train.rs`) and in the comparison scripts (`compare_*.py`,
+//! `intent.sh`); the library is empty.

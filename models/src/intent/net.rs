@@ -92,8 +92,8 @@ struct Trace {
     masks: Vec<Vec<f32>>,
     /// Output of the last conv, [B*T, C].
     h: Vec<f32>,
-    /// Attention weights per head, [B*T] each.
-    attn: Vec<Vec<f32>>,
+    /// Attention weights, [B*T, heads].
+    attn: Vec<f32>,
     /// Pooled vector per head, [B, C] each.
     pooled: Vec<Vec<f32>>,
     /// Softmax probabilities per head, [B, K] each.
@@ -326,10 +326,20 @@ impl Net {
             );
             let mut y: Vec<f32> = z.iter().map(|v| v.max(0.0)).collect();
             if let Some((rng, p)) = noise.as_mut() {
+                // Four 16-bit draws per random number: a mask is as many
+                // draws as activations, and the generator would otherwise
+                // cost a tenth of the step.
                 let keep = 1.0 / (1.0 - *p);
-                let mask: Vec<f32> = (0..y.len())
-                    .map(|_| if rng.unit() < *p { 0.0 } else { keep })
-                    .collect();
+                let drop_below = (*p * 65_536.0) as u64;
+                let mut mask = vec![keep; y.len()];
+                for four in mask.chunks_mut(4) {
+                    let r = rng.next_u64();
+                    for (j, m) in four.iter_mut().enumerate() {
+                        if (r >> (16 * j)) & 0xFFFF < drop_below {
+                            *m = 0.0;
+                        }
+                    }
+                }
                 y.iter_mut().zip(&mask).for_each(|(v, m)| *v *= m);
                 masks.push(mask);
             }
@@ -339,31 +349,47 @@ impl Net {
         }
         let h = x;
         let c = self.shape.channels;
-        let mut attn = Vec::new();
+        let nh = self.heads.len();
+        // Every head's attention scores in one product, H · [q_1 … q_n]:
+        // one query at a time would be a matrix-vector product per head,
+        // where packing the operands costs as much as the arithmetic.
+        let queries = self.queries();
+        let mut attn = vec![0.0; rows * nh];
+        gemm(rows, c, nh, &h, false, &queries, false, &mut attn, false);
+        let mut column = vec![0.0; t];
+        for seq in attn.chunks_exact_mut(t * nh) {
+            for hi in 0..nh {
+                for (ti, v) in column.iter_mut().enumerate() {
+                    *v = seq[ti * nh + hi];
+                }
+                softmax_in_place(&mut column);
+                for (ti, v) in column.iter().enumerate() {
+                    seq[ti * nh + hi] = *v;
+                }
+            }
+        }
+        // Pooled vectors, every head at once: P_b = A_b^T · H_b [heads, C].
+        let mut pooled_all = vec![0.0; b * nh * c];
+        for bi in 0..b {
+            gemm(
+                nh,
+                t,
+                c,
+                &attn[bi * t * nh..(bi + 1) * t * nh],
+                true,
+                &h[bi * t * c..(bi + 1) * t * c],
+                false,
+                &mut pooled_all[bi * nh * c..(bi + 1) * nh * c],
+                false,
+            );
+        }
         let mut pooled = Vec::new();
         let mut probs = Vec::new();
-        for (head, &k) in self.heads.iter().zip(&self.shape.heads) {
-            let mut e = vec![0.0; rows];
-            gemm(rows, c, 1, &h, false, &head.q, false, &mut e, false);
-            for seq in e.chunks_exact_mut(t) {
-                softmax_in_place(seq);
-            }
+        for (hi, (head, &k)) in self.heads.iter().zip(&self.shape.heads).enumerate() {
             let mut p = vec![0.0; b * c];
-            for bi in 0..b {
-                let a = &e[bi * t..(bi + 1) * t];
-                let hb = &h[bi * t * c..(bi + 1) * t * c];
-                // p[bi] = a^T · H_b
-                gemm(
-                    1,
-                    t,
-                    c,
-                    a,
-                    false,
-                    hb,
-                    false,
-                    &mut p[bi * c..(bi + 1) * c],
-                    false,
-                );
+            for (bi, row) in p.chunks_exact_mut(c).enumerate() {
+                let at = (bi * nh + hi) * c;
+                row.copy_from_slice(&pooled_all[at..at + c]);
             }
             let mut logits = vec![0.0; b * k];
             for row in logits.chunks_exact_mut(k) {
@@ -373,7 +399,6 @@ impl Net {
             for row in logits.chunks_exact_mut(k) {
                 softmax_in_place(row);
             }
-            attn.push(e);
             pooled.push(p);
             probs.push(logits);
         }
@@ -406,7 +431,10 @@ impl Net {
         let scale = 1.0 / b as f32;
         let mut loss = 0.0;
         let mut grads = self.zero_grads();
+        let nh = self.heads.len();
         let mut dh = vec![0.0; rows * c];
+        // dP of every head, [B, heads, C] (zero for a head with no target here).
+        let mut dp_all = vec![0.0; b * nh * c];
         for (hi, (head, &k)) in self.heads.iter().zip(&self.shape.heads).enumerate() {
             let probs = &trace.probs[hi];
             let mut dlogits = vec![0.0; b * k];
@@ -426,7 +454,7 @@ impl Net {
             if !any {
                 continue;
             }
-            let (gq, gw, gb) = &mut grads.heads[hi];
+            let (_, gw, gb) = &mut grads.heads[hi];
             let p = &trace.pooled[hi];
             gemm(c, b, k, p, true, &dlogits, false, gw, true);
             for row in dlogits.chunks_exact(k) {
@@ -437,28 +465,52 @@ impl Net {
             // dP = dlogits · W^T  [B, C]
             let mut dp = vec![0.0; b * c];
             gemm(b, k, c, &dlogits, false, &head.w, true, &mut dp, false);
-            let a = &trace.attn[hi];
-            let mut de = vec![0.0; rows];
-            for bi in 0..b {
-                let dpb = &dp[bi * c..(bi + 1) * c];
-                let ab = &a[bi * t..(bi + 1) * t];
-                let hb = &trace.h[bi * t * c..(bi + 1) * t * c];
-                // dA_t = H_t · dP
-                let mut da = vec![0.0; t];
-                gemm(t, c, 1, hb, false, dpb, false, &mut da, false);
-                let dot: f32 = ab.iter().zip(&da).map(|(x, y)| x * y).sum();
-                let deb = &mut de[bi * t..(bi + 1) * t];
-                for ti in 0..t {
-                    deb[ti] = ab[ti] * (da[ti] - dot);
-                }
-                // dH_t += a_t dP
-                let dhb = &mut dh[bi * t * c..(bi + 1) * t * c];
-                gemm(t, 1, c, ab, false, dpb, false, dhb, true);
+            for (bi, row) in dp.chunks_exact(c).enumerate() {
+                let at = (bi * nh + hi) * c;
+                dp_all[at..at + c].copy_from_slice(row);
             }
-            // dq = H^T dE ; dH += dE q^T
-            gemm(c, rows, 1, &trace.h, true, &de, false, gq, true);
-            gemm(rows, 1, c, &de, false, &head.q, false, &mut dh, true);
         }
+        // Back through the attention pooling, every head at once.
+        let a = &trace.attn;
+        let mut de = vec![0.0; rows * nh];
+        let mut da = vec![0.0; t * nh];
+        for bi in 0..b {
+            let dpb = &dp_all[bi * nh * c..(bi + 1) * nh * c];
+            let ab = &a[bi * t * nh..(bi + 1) * t * nh];
+            let hb = &trace.h[bi * t * c..(bi + 1) * t * c];
+            // dA = H_b · dP_b^T  [T, heads]
+            gemm(t, c, nh, hb, false, dpb, true, &mut da, false);
+            let deb = &mut de[bi * t * nh..(bi + 1) * t * nh];
+            for hi in 0..nh {
+                let dot: f32 = (0..t).map(|ti| ab[ti * nh + hi] * da[ti * nh + hi]).sum();
+                for ti in 0..t {
+                    let i = ti * nh + hi;
+                    deb[i] = ab[i] * (da[i] - dot);
+                }
+            }
+            // dH_b += A_b · dP_b
+            gemm(
+                t,
+                nh,
+                c,
+                ab,
+                false,
+                dpb,
+                false,
+                &mut dh[bi * t * c..(bi + 1) * t * c],
+                true,
+            );
+        }
+        // dQ = H^T · dE [C, heads]; dH += dE · Q^T
+        let mut dq = vec![0.0; c * nh];
+        gemm(c, rows, nh, &trace.h, true, &de, false, &mut dq, false);
+        for (hi, (gq, _, _)) in grads.heads.iter_mut().enumerate() {
+            for (ci, g) in gq.iter_mut().enumerate() {
+                *g += dq[ci * nh + hi];
+            }
+        }
+        let queries = self.queries();
+        gemm(rows, nh, c, &de, false, &queries, true, &mut dh, true);
         // Back through the convolutions.
         let mut dy = dh;
         for (li, conv) in self.convs.iter().enumerate().rev() {
@@ -506,6 +558,18 @@ impl Net {
             dy = col2im(&dcol, b, t, conv.c_in, conv.dilation);
         }
         (loss, grads)
+    }
+
+    /// Every head's attention query as the columns of one [C, heads] matrix.
+    fn queries(&self) -> Vec<f32> {
+        let nh = self.heads.len();
+        let mut q = vec![0.0; self.shape.channels * nh];
+        for (hi, head) in self.heads.iter().enumerate() {
+            for (ci, v) in head.q.iter().enumerate() {
+                q[ci * nh + hi] = *v;
+            }
+        }
+        q
     }
 
     fn zero_grads(&self) -> Grads {
@@ -715,7 +779,7 @@ impl Net {
                 let lr = opts.learning_rate * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
                 self.adam_step(&mut adam, grads, lr, opts.weight_decay);
             }
-            let accuracy = self.accuracy(validation);
+            let accuracy = self.parallel_accuracy(validation, opts.threads);
             on_epoch(EpochReport {
                 epoch: epoch + 1,
                 epochs: opts.epochs,
@@ -816,6 +880,33 @@ impl Net {
         if examples.is_empty() {
             return 0.0;
         }
+        self.right(examples) as f32 / examples.len() as f32
+    }
+
+    /// [`Net::accuracy`], the examples split over `threads` threads.
+    fn parallel_accuracy(&self, examples: &[Example], threads: usize) -> f32 {
+        if examples.is_empty() {
+            return 0.0;
+        }
+        let per = examples.len().div_ceil(threads.max(1));
+        let right: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = examples
+                .chunks(per)
+                .map(|part| s.spawn(move || self.right(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h.join() {
+                    Ok(r) => r,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
+                .sum()
+        });
+        right as f32 / examples.len() as f32
+    }
+
+    /// How many of `examples` have every targeted head's top class right.
+    fn right(&self, examples: &[Example]) -> usize {
         let mut right = 0;
         for chunk in examples.chunks(64) {
             let features: Vec<&[f32]> = chunk.iter().map(|e| e.features.as_slice()).collect();
@@ -831,7 +922,7 @@ impl Net {
                 right += usize::from(ok);
             }
         }
-        right as f32 / examples.len() as f32
+        right
     }
 
     /// A parameter by flat index (tests: finite differences).
