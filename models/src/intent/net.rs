@@ -823,13 +823,7 @@ impl Net {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| match h.join() {
-                    Ok(r) => r,
-                    Err(panic) => std::panic::resume_unwind(panic),
-                })
-                .collect()
+            join(handles)
         });
         let n = batch.len() as f32;
         let mut loss = 0.0;
@@ -894,13 +888,7 @@ impl Net {
                 .chunks(per)
                 .map(|part| s.spawn(move || self.right(part)))
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| match h.join() {
-                    Ok(r) => r,
-                    Err(panic) => std::panic::resume_unwind(panic),
-                })
-                .sum()
+            join(handles).into_iter().sum()
         });
         right as f32 / examples.len() as f32
     }
@@ -936,6 +924,17 @@ impl Net {
             i -= p.len();
         }
     }
+}
+
+/// The results of scoped threads, in order; a thread's panic is raised again here.
+fn join<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, T>>) -> Vec<T> {
+    handles
+        .into_iter()
+        .map(|h| match h.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+        .collect()
 }
 
 /// Index of the largest value.
