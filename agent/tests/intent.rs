@@ -175,9 +175,23 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
         "context.yaml",
         "MODEL_CARD.md",
         "metrics.json",
+        "test_clips.jsonl",
     ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
+    // One line per test clip, each saying what was said and what was heard.
+    let clips = std::fs::read_to_string(dir.join("test_clips.jsonl")).expect("test clips");
+    let lines: Vec<Value> = clips
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["said"].is_string() && l["understood"].is_boolean())
+    );
+    assert!(lines.iter().any(|l| l["condition"] == "babble 12 dB"));
     let labels: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("labels.json")).expect("labels"))
             .expect("json");

@@ -126,6 +126,17 @@ enum Kind {
     Noise,
 }
 
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Command => "command",
+            Kind::Everyday => "everyday sentence",
+            Kind::Salad => "shuffled grammar words",
+            Kind::Noise => "noise alone",
+        }
+    }
+}
+
 /// The out-of-grammar audio the threshold is calibrated on, by weight:
 /// half everyday sentences, a third shuffled grammar words, a sixth
 /// noise alone, whatever mix of them validation happened to draw.
@@ -217,6 +228,9 @@ pub struct Report {
     /// The most frequent intent mistakes on those clips: (said, heard,
     /// clips), where heard `none` means "not a command".
     pub intent_confusions: Vec<(String, String, usize)>,
+    /// The validation negatives that scored highest: the clips the
+    /// threshold is set against.
+    pub loudest_negatives: Vec<ScoredNegative>,
     /// Out-of-grammar test clips reported understood.
     pub false_accepts: usize,
     pub out_of_grammar_clips: usize,
@@ -226,6 +240,21 @@ pub struct Report {
     /// Mean time of the intent network on tract per command, ms.
     pub infer_ms: f64,
 }
+
+/// A validation clip that must not be understood, and what it was heard as.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredNegative {
+    pub kind: &'static str,
+    /// What was said (empty: noise alone).
+    pub text: String,
+    pub noise: String,
+    /// The intent it was heard as, and that answer's score.
+    pub heard: String,
+    pub score: f32,
+}
+
+/// How many of the highest-scoring validation negatives the report keeps.
+const LOUDEST_NEGATIVES: usize = 10;
 
 /// Additive noise and its SNR in dB (`None`: clean).
 type Noise = Option<(NoiseKind, f32)>;
@@ -846,7 +875,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     let synthesis_secs = synth_started.elapsed().as_secs_f64();
 
     // Train with a tenth held back for choosing the epoch and the threshold.
-    let mut examples: Vec<(Example, Kind)> = jobs
+    let mut examples: Vec<(Example, &Job)> = jobs
         .iter()
         .zip(train_features)
         .map(|(j, f)| {
@@ -854,15 +883,16 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
                 features: f,
                 targets: j.targets.clone(),
             };
-            (e, j.kind)
+            (e, j)
         })
         .collect();
     rng.shuffle(&mut examples);
     let n_val = (examples.len() / 10).max(1);
-    let (validation, validation_kinds): (Vec<Example>, Vec<Kind>) = examples
+    let (validation, validation_jobs): (Vec<Example>, Vec<&Job>) = examples
         .split_off(examples.len() - n_val)
         .into_iter()
         .unzip();
+    let validation_kinds: Vec<Kind> = validation_jobs.iter().map(|j| j.kind).collect();
     let examples: Vec<Example> = examples.into_iter().map(|(e, _)| e).collect();
     let shape = Shape {
         frames: FRAMES,
@@ -918,6 +948,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     }
     let training_secs = train_started.elapsed().as_secs_f64();
     labels.threshold = calibrate(&nets, &labels, &validation, &validation_kinds);
+    let loudest_negatives = loudest_negatives(&nets, &labels, &validation, &validation_jobs);
     // Each member alone, on the goal conditions at its own threshold: what
     // the ensemble adds.
     let member_goal_accepted: Vec<f64> = if members > 1 {
@@ -973,11 +1004,13 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     // (top choice exactly right, its score) of goal clips; the score of out-of-grammar clips.
     let mut goal_scores: Vec<(bool, f32)> = Vec::new();
     let mut oog_scores: Vec<f32> = Vec::new();
+    let mut clip_lines = String::new();
     for (job, features) in test_jobs.iter().zip(&test_features) {
         let probs = model.probabilities(features)?;
         let u = labels.decode(&probs);
         let top = any_score.decode(&probs);
         let top_score = if top.intent.is_some() { top.score } else { 0.0 };
+        clip_lines.push_str(&clip_line(&labels, job, &conditions, &top, u.understood));
         if job.condition == oog_condition {
             oog_clips += 1;
             false_accepts += usize::from(u.understood);
@@ -1062,6 +1095,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             v.truncate(8);
             v
         },
+        loudest_negatives,
         false_accepts,
         out_of_grammar_clips: oog_clips,
         synthesis_secs,
@@ -1069,6 +1103,8 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         total_secs: started.elapsed().as_secs_f64(),
         infer_ms,
     };
+    std::fs::write(opts.out.join(TEST_CLIPS_FILE), clip_lines)
+        .with_context(|| format!("writing {}", opts.out.join(TEST_CLIPS_FILE).display()))?;
     std::fs::write(
         opts.out.join("metrics.json"),
         serde_json::to_string_pretty(&report)?,
@@ -1078,6 +1114,56 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         card(&opts.context, &labels, &report),
     )?;
     Ok(report)
+}
+
+/// Every test clip, one JSON object per line: its condition, what was
+/// said and by whom, the answer it should get and the network's top
+/// choice (whatever its score).
+pub const TEST_CLIPS_FILE: &str = "test_clips.jsonl";
+
+/// One line of [`TEST_CLIPS_FILE`].
+fn clip_line(
+    labels: &Labels,
+    job: &Job,
+    conditions: &[Condition],
+    top: &kith_models::intent::Understanding,
+    understood: bool,
+) -> String {
+    let slots = |pairs: &[(String, String)]| -> serde_json::Map<String, serde_json::Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+            .collect()
+    };
+    let intent = job
+        .targets
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|t| labels.intents.get(usize::from(t)));
+    let mut want: Vec<(String, String)> = Vec::new();
+    for (s, slot) in labels.slots.iter().enumerate() {
+        if let Some(Some(v)) = job.targets.get(1 + s)
+            && *v > 0
+            && let Some(value) = slot.values.get(usize::from(*v) - 1)
+        {
+            want.push((slot.name.clone(), value.clone()));
+        }
+    }
+    let line = serde_json::json!({
+        "condition": conditions.get(job.condition).map_or("out of grammar", |c| c.name.as_str()),
+        "said": job.text,
+        "voice": job.voice.espeak,
+        "rate": job.rate,
+        "pitch": job.pitch,
+        "intent": intent,
+        "slots": slots(&want),
+        "heard": top.intent,
+        "heard_slots": slots(&top.slots),
+        "score": top.score,
+        "understood": understood,
+    });
+    format!("{line}\n")
 }
 
 /// Share of examples whose every targeted head's top class, averaged over
@@ -1138,6 +1224,42 @@ fn calibrate(nets: &[Net], labels: &Labels, validation: &[Example], kinds: &[Kin
         })
         .collect();
     lowest_threshold(&scored)
+}
+
+/// The [`LOUDEST_NEGATIVES`] validation negatives the networks scored
+/// highest, highest first.
+fn loudest_negatives(
+    nets: &[Net],
+    labels: &Labels,
+    validation: &[Example],
+    jobs: &[&Job],
+) -> Vec<ScoredNegative> {
+    let mut scored: Vec<ScoredNegative> = validation
+        .iter()
+        .zip(jobs)
+        .filter(|(_, j)| j.kind != Kind::Command)
+        .filter_map(|(e, j)| {
+            let u = labels.decode(&Net::predict_mean(nets, &e.features));
+            Some(ScoredNegative {
+                kind: j.kind.name(),
+                text: j.text.clone(),
+                noise: noise_name(j.recipe.noise),
+                heard: u.intent?,
+                score: u.score,
+            })
+        })
+        .collect();
+    scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+    scored.truncate(LOUDEST_NEGATIVES);
+    scored
+}
+
+/// "clean", "babble 12 dB".
+fn noise_name(noise: Noise) -> String {
+    match noise {
+        None => "clean".to_string(),
+        Some((kind, snr)) => format!("{} {snr:.0} dB", kind.name()),
+    }
 }
 
 /// The lowest threshold at which at most 1 % of out-of-grammar audio
@@ -1290,11 +1412,27 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
                 .join(", ")
         ));
     }
+    if !r.loudest_negatives.is_empty() {
+        s.push_str("\nThe validation clips that must not be understood and scored highest (what the threshold is set against):\n\n| kind | said | noise | heard as | score |\n|---|---|---|---|---:|\n");
+        for n in &r.loudest_negatives {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {:.3} |\n",
+                n.kind,
+                if n.text.is_empty() { "—" } else { &n.text },
+                n.noise,
+                n.heard,
+                n.score
+            ));
+        }
+    }
     s.push_str(&format!(
         "\nOut-of-grammar sentences (held out, clean and at 12 dB): {} of {} accepted ({:.1} % false accepts).\n",
         r.false_accepts,
         r.out_of_grammar_clips,
         100.0 * r.false_accept_rate()
+    ));
+    s.push_str(&format!(
+        "\nThe training run writes each test clip's answer (what was said, by which voice, in which noise, and what was heard) to `{TEST_CLIPS_FILE}`.\n"
     ));
     s.push_str(&format!(
         "\nInference on tract: {:.2} ms per command for the network (features stream as the command is spoken).\n",
