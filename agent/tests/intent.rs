@@ -111,11 +111,11 @@ fn small_model() -> &'static Path {
             &dir,
             &[
                 "--utterances",
-                "900",
+                "1500",
                 "--test-utterances",
                 "30",
                 "--epochs",
-                "20",
+                "40",
             ],
         );
         out
@@ -216,9 +216,10 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
     // Stated accuracy for this small context on its held-out sentences
     // (one each of lightsOn and lightsOff: fanSpeed's 3 sentences each say
     // a speed no other says, so none can be spared), voices and rates:
-    // measured 96.7 % clean and 93.3 % in pink noise at 18 dB. Training that
-    // learned nothing accepts none, since out-of-grammar speech stays
-    // rejected.
+    // measured 96.7 % clean and 90.0 % in pink noise at 18 dB (seeds 2 and 3:
+    // 100/100 % and 93.3/100 %), at a threshold calibrated on everyday
+    // sentences never trained on. Training that learned nothing accepts
+    // none, since out-of-grammar speech stays rejected.
     assert!(rate("clean") >= 0.8, "clean acceptance {}", rate("clean"));
     assert!(
         rate("pink 18 dB") >= 0.8,
