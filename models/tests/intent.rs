@@ -387,8 +387,42 @@ fn labels_for(heads: &[usize]) -> Labels {
             .map(|i| if i == 0 { vec![0, 1] } else { vec![1] })
             .collect(),
         threshold: 0.5,
+        intent_thresholds: Default::default(),
         grammar_sha256: "0".repeat(64),
     }
+}
+
+/// Probabilities of the heads `[3, 3, 3]`: `intent` at `p`, every slot
+/// head certain of its first value.
+fn heard(intent: usize, p: f32) -> Vec<Vec<f32>> {
+    let mut i = vec![(1.0 - p) / 2.0; 3];
+    i[intent] = p;
+    vec![i, vec![0.0, 1.0, 0.0], vec![0.0, 1.0, 0.0]]
+}
+
+#[test]
+fn an_intent_with_a_threshold_of_its_own_is_judged_by_it_and_the_others_by_the_default() {
+    let mut labels = labels_for(&[3, 3, 3]);
+    assert_eq!(labels.threshold_of(0), 0.5);
+    assert!(labels.decode(&heard(0, 0.6)).understood);
+    labels.intent_thresholds.insert("intent0".to_string(), 0.7);
+    labels.intent_thresholds.insert("intent1".to_string(), 0.3);
+    let u = labels.decode(&heard(0, 0.6));
+    assert!(!u.understood, "0.6 is under intent0's own 0.7");
+    assert_eq!(u.intent.as_deref(), Some("intent0"));
+    assert!(labels.decode(&heard(0, 0.7)).understood);
+    assert!(
+        labels.decode(&heard(1, 0.4)).understood,
+        "over intent1's 0.3"
+    );
+    // Old labels files, without the map, still read, as one threshold.
+    let old = serde_json::to_string(&labels_for(&[3, 3, 3])).expect("json");
+    assert!(!old.contains("intent_thresholds"));
+    let back: Labels = serde_json::from_str(&old).expect("reads");
+    assert!(back.intent_thresholds.is_empty());
+    let new: Labels =
+        serde_json::from_str(&serde_json::to_string(&labels).expect("json")).expect("reads back");
+    assert_eq!(new.threshold_of(1), 0.3);
 }
 
 #[test]
@@ -526,6 +560,20 @@ fn a_model_directory_with_broken_labels_is_refused_with_the_file_named() {
         err.contains("labels.json") && err.contains("not a kith labels file"),
         "{err}"
     );
+
+    for (name, t, says) in [
+        ("intent9", 0.5, "\"intent9\", not an intent of this model"),
+        ("intent0", 1.5, "the threshold of intent0 is 1.5"),
+    ] {
+        let mut labels = labels_for(&heads);
+        labels.intent_thresholds.insert(name.to_string(), t);
+        write_model(dir.path(), &net, &labels);
+        let err = IntentModel::load(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("labels.json") && err.contains(says), "{err}");
+    }
 
     let empty = tempfile::tempdir().expect("tempdir");
     let err = IntentModel::load(empty.path())

@@ -14,6 +14,7 @@ pub mod grammar;
 pub mod net;
 pub mod onnx;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,12 @@ pub struct Labels {
     pub intent_slots: Vec<Vec<usize>>,
     /// Score below which a command is reported as not understood.
     pub threshold: f32,
+    /// Per intent (by name), a threshold of its own that replaces
+    /// `threshold` for that intent: what the trainer calibrated where
+    /// one threshold for all would refuse commands of an intent that no
+    /// negative comes near. Intents not listed use `threshold`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub intent_thresholds: BTreeMap<String, f32>,
     /// sha256 of the context file the model was trained on.
     pub grammar_sha256: String,
 }
@@ -68,6 +75,15 @@ impl Labels {
         std::iter::once(self.intents.len() + 1)
             .chain(self.slots.iter().map(|s| s.values.len() + 1))
             .collect()
+    }
+
+    /// The threshold of intent `intent` (an index into `intents`).
+    pub fn threshold_of(&self, intent: usize) -> f32 {
+        self.intents
+            .get(intent)
+            .and_then(|name| self.intent_thresholds.get(name))
+            .copied()
+            .unwrap_or(self.threshold)
     }
 
     /// Reads what every head's probabilities mean.
@@ -96,7 +112,7 @@ impl Labels {
             }
         }
         Understanding {
-            understood: score >= self.threshold,
+            understood: score >= self.threshold_of(best),
             intent: Some(self.intents[best].clone()),
             slots,
             score,
@@ -107,7 +123,7 @@ impl Labels {
 /// What a command meant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Understanding {
-    /// An intent of the grammar scored at or above the model's threshold.
+    /// An intent of the grammar scored at or above its threshold.
     pub understood: bool,
     /// The most likely intent (`None` when "out of grammar" won).
     pub intent: Option<String>,
@@ -224,6 +240,30 @@ impl IntentModel {
                 .any(|&s| s >= labels.slots.len())
         {
             return Err(load_err(labels_path, "inconsistent labels".to_string()));
+        }
+        let thresholds = std::iter::once(("threshold", &labels.threshold)).chain(
+            labels
+                .intent_thresholds
+                .iter()
+                .map(|(name, t)| (name.as_str(), t)),
+        );
+        for (name, t) in thresholds {
+            if !(0.0..=1.0).contains(t) {
+                return Err(load_err(
+                    labels_path,
+                    format!("the threshold of {name} is {t}: thresholds are within 0..=1"),
+                ));
+            }
+        }
+        if let Some(name) = labels
+            .intent_thresholds
+            .keys()
+            .find(|name| !labels.intents.contains(name))
+        {
+            return Err(load_err(
+                labels_path,
+                format!("intent_thresholds names {name:?}, not an intent of this model"),
+            ));
         }
         let model_path = dir.join(MODEL_FILE);
         let mut plan = OnnxPlan::load(&model_path, &[&[1, FRAMES, EMBEDDING_DIM]])?;
