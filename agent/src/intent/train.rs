@@ -1490,7 +1490,8 @@ const INTENT_THRESHOLD_FLOOR: usize = 50;
 /// at 1.00, and the step that lowers one intent's threshold (in
 /// hundredths, never under [`INTENT_THRESHOLD_FLOOR`]) with the most
 /// commands gained (right answers less wrong ones) per share of
-/// negatives let in is taken, while the share stays within 1 %. `None`
+/// negatives let in is taken, while the share stays within 1 % (an
+/// intent no command was heard as stays at `global`). `None`
 /// when that does no better on the validation commands than `global`
 /// for all.
 fn intent_thresholds(
@@ -1560,7 +1561,17 @@ fn intent_thresholds(
     };
     let value = |th: &[usize]| -> i64 { th.iter().enumerate().map(|(i, &c)| above(i, c).0).sum() };
     let share = |th: &[usize]| -> f32 { th.iter().enumerate().map(|(i, &c)| above(i, c).1).sum() };
-    let mut th = vec![100usize; intents];
+    // An intent no validation command was heard as has nothing to guide
+    // it: it keeps the threshold for all, and its negatives count.
+    let mut th: Vec<usize> = (0..intents)
+        .map(|i| {
+            if commands.iter().any(|c| c.0 == i) {
+                100
+            } else {
+                bucket(global)
+            }
+        })
+        .collect();
     loop {
         let used = share(&th);
         // (gain per share, gain, intent, new hundredth)
@@ -1853,6 +1864,19 @@ mod tests {
         }
         let own = intent_thresholds(2, &negatives, &commands, 0.86).expect("better than one");
         assert_eq!(own[1], 0.7);
+        // An intent the validation never heard keeps the threshold for
+        // all, and its negatives over it count against the budget.
+        let three: Vec<(Kind, Option<usize>, f32)> = negatives
+            .iter()
+            .copied()
+            .chain([(Kind::Unheard, Some(2), 0.9)])
+            .collect();
+        let own = intent_thresholds(3, &three, &commands, 0.86).expect("better than one");
+        assert_eq!(own[2], 0.86);
+        assert!(
+            own[0] > 0.95,
+            "intent 2's negative spent the budget: {own:?}"
+        );
         // Nothing to gain: one threshold for all stays.
         let quiet: Vec<(usize, bool, f32)> = (0..10).map(|k| (k % 2, true, 0.99)).collect();
         assert_eq!(intent_thresholds(2, &negatives, &quiet, 0.86), None);
