@@ -1455,22 +1455,38 @@ fn noise_name(noise: Noise) -> String {
 /// 0.99; else 0.99: a model that cannot reject out-of-grammar speech
 /// should say "not understood" rather than guess.
 fn lowest_threshold(scored: &[(Kind, f32)]) -> f32 {
+    let cost = share_of_one(scored.iter().map(|s| s.0));
     let accepted_share = |t: f32| {
-        let (mut share, mut weights) = (0.0f32, 0.0f32);
-        for (kind, weight) in NEGATIVE_MIX {
-            let clips = scored.iter().filter(|s| s.0 == kind).count();
-            if clips > 0 {
-                let accepted = scored.iter().filter(|s| s.0 == kind && s.1 >= t).count();
-                share += weight * accepted as f32 / clips as f32;
-                weights += weight;
-            }
-        }
-        if weights > 0.0 { share / weights } else { 0.0 }
+        scored
+            .iter()
+            .filter(|s| s.1 >= t)
+            .map(|s| cost(s.0))
+            .sum::<f32>()
     };
     (30..=99)
         .map(|c| c as f32 / 100.0)
         .find(|&t| accepted_share(t) <= 0.01 + 1e-6)
         .unwrap_or(0.99)
+}
+
+/// What one accepted clip of each kind adds to the accepted share of the
+/// [`NEGATIVE_MIX`], given the kinds of all the negatives heard: its
+/// kind's weight over its kind's clips, out of the weights of the kinds
+/// present; 0 for a kind outside the mix.
+fn share_of_one(kinds: impl Iterator<Item = Kind> + Clone) -> impl Fn(Kind) -> f32 {
+    let clips = |kind: Kind| kinds.clone().filter(|&k| k == kind).count();
+    let counts: Vec<(Kind, f32, usize)> = NEGATIVE_MIX
+        .iter()
+        .map(|&(kind, weight)| (kind, weight, clips(kind)))
+        .filter(|m| m.2 > 0)
+        .collect();
+    let weights: f32 = counts.iter().map(|m| m.1).sum();
+    move |kind| {
+        counts
+            .iter()
+            .find(|m| m.0 == kind)
+            .map_or(0.0, |m| m.1 / weights / m.2 as f32)
+    }
 }
 
 /// No intent's own threshold goes under this: below even odds a model
@@ -1500,21 +1516,7 @@ fn intent_thresholds(
     commands: &[(usize, bool, f32)],
     global: f32,
 ) -> Option<Vec<f32>> {
-    // Each mix negative's share of the budget when accepted.
-    let weights: f32 = NEGATIVE_MIX
-        .iter()
-        .filter(|(k, _)| negatives.iter().any(|n| n.0 == *k))
-        .map(|(_, w)| w)
-        .sum();
-    let cost_of = |kind: Kind| {
-        NEGATIVE_MIX
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map_or(0.0, |(_, w)| {
-                let clips = negatives.iter().filter(|n| n.0 == kind).count();
-                w / weights / clips.max(1) as f32
-            })
-    };
+    let cost_of = share_of_one(negatives.iter().map(|n| n.0));
     let costly: Vec<(usize, f32, f32)> = negatives
         .iter()
         .filter_map(|&(kind, heard, score)| Some((heard?, score, cost_of(kind))))
@@ -1522,16 +1524,7 @@ fn intent_thresholds(
         .collect();
     let at = |c: usize| c as f32 / 100.0;
     // The highest hundredth a score reaches, as `score >= threshold` sees it.
-    let bucket = |score: f32| {
-        let mut b = ((score * 100.0).floor().max(0.0) as usize).min(100);
-        while b < 100 && score >= at(b + 1) {
-            b += 1;
-        }
-        while b > 0 && score < at(b) {
-            b -= 1;
-        }
-        b
-    };
+    let bucket = |score: f32| (0..=100).rev().find(|&c| score >= at(c)).unwrap_or(0);
     // Per intent and hundredth: commands gained (right less wrong) and
     // share of negatives let in, were the threshold that hundredth.
     let mut gain = vec![[0i64; 101]; intents];
@@ -1553,12 +1546,7 @@ fn intent_thresholds(
             cost[i][to..from].iter().sum::<f32>(),
         )
     };
-    let above = |i: usize, c: usize| {
-        (
-            gain[i][c..].iter().sum::<i64>(),
-            cost[i][c..].iter().sum::<f32>(),
-        )
-    };
+    let above = |i: usize, c: usize| step(i, 101, c);
     let value = |th: &[usize]| -> i64 { th.iter().enumerate().map(|(i, &c)| above(i, c).0).sum() };
     let share = |th: &[usize]| -> f32 { th.iter().enumerate().map(|(i, &c)| above(i, c).1).sum() };
     // An intent no validation command was heard as has nothing to guide
