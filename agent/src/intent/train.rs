@@ -9,7 +9,7 @@
 //! 4. Train the network, export it to ONNX, load it back on tract, and
 //!    measure it on held-out voices, rates and sentences at several SNRs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -511,6 +511,51 @@ fn targets_of(grammar: &Grammar, u: &Utterance) -> Vec<Option<u16>> {
     targets
 }
 
+/// Gives each clip whose voice cannot say its sentence (`can_say`, which
+/// is [`voices::can_say`] outside the tests) one of espeak-ng's own voices
+/// of `set` instead, chosen by the clip's seed, so that no other clip's
+/// random stream moves. Returns how many clips changed voice.
+fn give_unsayable_another_voice(
+    jobs: &mut [Job],
+    set: &VoiceSet,
+    mut can_say: impl FnMut(&Voice, &str) -> Result<bool>,
+) -> Result<usize> {
+    let own: Vec<&Voice> = set
+        .voices
+        .iter()
+        .filter(|v| !voices::is_mbrola(v))
+        .collect();
+    let mut known: HashMap<(String, String), bool> = HashMap::new();
+    let mut changed = 0;
+    for job in jobs.iter_mut() {
+        if !voices::is_mbrola(&job.voice) || job.text.is_empty() {
+            continue;
+        }
+        let key = (job.voice.espeak.clone(), job.text.clone());
+        let sayable = match known.get(&key) {
+            Some(&ok) => ok,
+            None => {
+                let ok = can_say(&job.voice, &job.text)?;
+                known.insert(key, ok);
+                ok
+            }
+        };
+        if sayable {
+            continue;
+        }
+        let Some(&voice) = own.get((job.seed % own.len().max(1) as u64) as usize) else {
+            bail!(
+                "voice {} cannot say {:?} and no espeak-ng voice is left to say it",
+                job.voice.espeak,
+                job.text
+            );
+        };
+        job.voice = voice.clone();
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 /// The features of `jobs` from the cache, or rendered (and then cached).
 /// A cache entry is named by everything that makes the clips
 /// ([`cache_key`]).
@@ -937,6 +982,17 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
                 kind: Kind::Unheard,
             });
         }
+    }
+
+    // A clip whose MBROLA voice cannot say its sentence is given one of
+    // espeak-ng's own voices of the same split instead.
+    let respoken = give_unsayable_another_voice(&mut jobs, &train_voices, voices::can_say)?
+        + give_unsayable_another_voice(&mut calibration_jobs, &train_voices, voices::can_say)?
+        + give_unsayable_another_voice(&mut test_jobs, &test_voices, voices::can_say)?;
+    if respoken > 0 {
+        eprintln!(
+            "{respoken} clips were given another voice: their MBROLA voice cannot say every sound of the sentence"
+        );
     }
 
     let train_features = render_cached(
@@ -1910,6 +1966,77 @@ mod tests {
         // 20 of 1,000 noise clips are a 0.5 % share: allowed, though
         // pooled they are 20 of 1,100 (1.8 %).
         assert_eq!(mix(100, 1000, 20), 0.3);
+    }
+
+    #[test]
+    fn a_clip_whose_voice_cannot_say_its_sentence_gets_an_espeak_voice_of_the_same_set() {
+        let set = VoiceSet {
+            split: Split::Test,
+            voices: ["en-us+m7", "en-gb+f4", "mb-us3"]
+                .iter()
+                .map(|v| Voice {
+                    espeak: v.to_string(),
+                })
+                .collect(),
+            rates: vec![145],
+            mbrola: 1,
+        };
+        let job = |text: &str, voice: &str, seed: u64| Job {
+            text: text.into(),
+            voice: Voice {
+                espeak: voice.into(),
+            },
+            rate: 145,
+            pitch: 50,
+            speed: 1.0,
+            recipe: Recipe::clean(),
+            targets: vec![Some(0)],
+            condition: 0,
+            seed,
+            kind: Kind::Command,
+        };
+        let mut jobs = vec![
+            job("turn the lights on", "mb-us3", 3),
+            job("turn the lights on", "mb-us3", 4),
+            job("will it rain today", "mb-us3", 5),
+            job("turn the lights on", "en-us+m7", 6),
+        ];
+        let before = jobs.clone();
+        let mut asked = Vec::new();
+        let changed = give_unsayable_another_voice(&mut jobs, &set, |v, text| {
+            asked.push((v.espeak.clone(), text.to_string()));
+            Ok(!(v.espeak.starts_with("mb-") && text.ends_with(" on")))
+        })
+        .expect("every clip has a voice");
+        assert_eq!(changed, 2);
+        // The seed picks among espeak-ng's voices: 3 % 2 and 4 % 2.
+        assert_eq!(jobs[0].voice.espeak, "en-gb+f4");
+        assert_eq!(jobs[1].voice.espeak, "en-us+m7");
+        // Everything else about the clips, and the other clips, is as it was.
+        assert_eq!(
+            format!("{:?}", jobs[0].recipe),
+            format!("{:?}", before[0].recipe)
+        );
+        assert_eq!(
+            (jobs[0].seed, jobs[0].rate, &jobs[0].text),
+            (3, 145, &before[0].text)
+        );
+        assert_eq!(jobs[2].voice, before[2].voice);
+        assert_eq!(jobs[3].voice, before[3].voice);
+        // Each (voice, sentence) is asked once; espeak-ng's voices never.
+        assert_eq!(asked.len(), 2);
+
+        // A set with no espeak-ng voice left says so rather than keep the clip.
+        let only_mbrola = VoiceSet {
+            voices: vec![Voice {
+                espeak: "mb-us3".into(),
+            }],
+            ..set
+        };
+        let mut jobs = vec![job("turn the lights on", "mb-us3", 3)];
+        let err = give_unsayable_another_voice(&mut jobs, &only_mbrola, |_, _| Ok(false))
+            .expect_err("no voice can say it");
+        assert!(err.to_string().contains("cannot say"), "{err}");
     }
 
     #[test]
