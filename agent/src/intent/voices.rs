@@ -142,17 +142,7 @@ pub fn can_say(voice: &Voice, text: &str) -> Result<bool> {
     if !is_mbrola(voice) || text.trim().is_empty() {
         return Ok(true);
     }
-    let out = Command::new("espeak-ng")
-        .args(["-v", &voice.espeak, "--stdout", "--", text])
-        .output()
-        .context("running espeak-ng")?;
-    if !out.status.success() {
-        bail!(
-            "espeak-ng -v {} failed: {}",
-            voice.espeak,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let out = espeak(voice, &[], text)?;
     Ok(!String::from_utf8_lossy(&out.stderr).contains("unknown, replaced with"))
 }
 
@@ -165,27 +155,11 @@ pub fn synthesize(
     speed: f32,
     text: &str,
 ) -> Result<Vec<i16>> {
-    let out = Command::new("espeak-ng")
-        .args([
-            "-v",
-            &voice.espeak,
-            "-s",
-            &rate.to_string(),
-            "-p",
-            &pitch.to_string(),
-        ])
-        .arg("--stdout")
-        .arg("--")
-        .arg(text)
-        .output()
-        .context("running espeak-ng")?;
-    if !out.status.success() {
-        bail!(
-            "espeak-ng -v {} failed: {}",
-            voice.espeak,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let out = espeak(
+        voice,
+        &["-s", &rate.to_string(), "-p", &pitch.to_string()],
+        text,
+    )?;
     let (rate_hz, samples) = parse_stream_wav(&out.stdout)
         .with_context(|| format!("reading espeak-ng's output for voice {}", voice.espeak))?;
     if samples.is_empty() {
@@ -199,6 +173,25 @@ pub fn synthesize(
         ((rate_hz as f32 * speed / 100.0).round() as u32).max(1) * 100
     };
     resample(from_hz, &samples)
+}
+
+/// Runs espeak-ng with `voice` and `args` on `text`, the WAV on stdout;
+/// an error if it fails.
+fn espeak(voice: &Voice, args: &[&str], text: &str) -> Result<std::process::Output> {
+    let out = Command::new("espeak-ng")
+        .args(["-v", &voice.espeak])
+        .args(args)
+        .args(["--stdout", "--", text])
+        .output()
+        .context("running espeak-ng")?;
+    if !out.status.success() {
+        bail!(
+            "espeak-ng -v {} failed: {}",
+            voice.espeak,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
 }
 
 /// espeak-ng's `--stdout` WAV: a 44-byte PCM header whose lengths are
