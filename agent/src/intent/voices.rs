@@ -255,10 +255,7 @@ mod tests {
             eprintln!("this espeak-ng maps O2 for us3: every word is said");
         }
         // Whatever the version, the check agrees with mbrola's own warnings.
-        let out = Command::new("espeak-ng")
-            .args(["-v", "mb-us3", "--stdout", "--", turn_on])
-            .output()
-            .expect("espeak-ng runs");
+        let out = espeak(&us3, &[], turn_on).expect("espeak-ng runs");
         let warned = String::from_utf8_lossy(&out.stderr).contains("unknown");
         assert_eq!(said_on, !warned);
         // espeak-ng's own voices are not checked: they say every sound.
