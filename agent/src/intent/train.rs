@@ -2005,7 +2005,7 @@ mod tests {
         let mut asked = Vec::new();
         let changed = give_unsayable_another_voice(&mut jobs, &set, |v, text| {
             asked.push((v.espeak.clone(), text.to_string()));
-            Ok(!(v.espeak.starts_with("mb-") && text.ends_with(" on")))
+            Ok(!(voices::is_mbrola(v) && text.ends_with(" on")))
         })
         .expect("every clip has a voice");
         assert_eq!(changed, 2);
