@@ -24,16 +24,31 @@ use crate::plan::OnnxPlan;
 /// ONNX data type code for int64.
 const ONNX_INT64: i32 = 7;
 
-/// A pulsed embedding model: `pulse` frames in, one embedding out.
+/// A pulsed embedding model: `pulse` frames in, one embedding (or, cut,
+/// the rows of an inner layer) out.
 pub(crate) struct PulsedEmbedding {
     /// The plan, input [1, pulse, bins, 1]; carries the stream between runs.
     pub(crate) plan: OnnxPlan,
     /// Output steps the pulsed network lags behind its input stream.
     pub(crate) delay: usize,
+    /// Shape of one pulse's output, [1, channels, steps, bands] (the
+    /// embedding: [1, 96, 1, 1]).
+    pub(crate) shape: [usize; 4],
 }
 
 /// Loads `path` (openWakeWord's embedding_model.onnx) as a pulsed network.
 pub(crate) fn load(path: &Path, bins: usize, pulse: usize) -> Result<PulsedEmbedding, ModelError> {
+    load_cut(path, bins, pulse, None)
+}
+
+/// [`load`], or with `cut` the network up to the input of the convolution
+/// named `cut` (e.g. "conv2d_15"), whose activations it streams instead.
+pub(crate) fn load_cut(
+    path: &Path,
+    bins: usize,
+    pulse: usize,
+    cut: Option<&str>,
+) -> Result<PulsedEmbedding, ModelError> {
     let fail = |e: TractError| ModelError::Load {
         path: path.to_path_buf(),
         reason: reason(&e),
@@ -89,6 +104,17 @@ pub(crate) fn load(path: &Path, bins: usize, pulse: usize) -> Result<PulsedEmbed
     graph.node.pop();
     graph.output[0].name = last.input[0].clone();
     graph.output[0].r#type = None;
+    if let Some(layer) = cut {
+        let tag = format!("{layer}/");
+        let at = graph
+            .node
+            .iter()
+            .position(|n| n.op_type == "Conv" && n.name.contains(&tag))
+            .ok_or_else(|| shape_err("no convolution to cut at"))?;
+        let input = graph.node[at].input.first().cloned();
+        graph.output[0].name = input.ok_or_else(|| shape_err("a Conv without input"))?;
+        graph.node.truncate(at);
+    }
 
     let mut model = onnx.model_for_proto_model(&proto).map_err(fail)?;
     let time = model.symbols.sym("T");
@@ -106,8 +132,20 @@ pub(crate) fn load(path: &Path, bins: usize, pulse: usize) -> Result<PulsedEmbed
         .as_ref()
         .map(|s| s.delay)
         .ok_or_else(|| shape_err("output is not streamed"))?;
-    if out.shape.iter().product::<TDim>() != 96.to_dim() {
+    let dims: Vec<usize> = out
+        .shape
+        .iter()
+        .map(|d| d.to_usize().ok())
+        .collect::<Option<_>>()
+        .ok_or_else(|| shape_err("a pulse's output has a symbolic size"))?;
+    let shape: [usize; 4] = dims
+        .try_into()
+        .map_err(|_| shape_err("the output is not [1, channels, time, bands]"))?;
+    if cut.is_none() && shape.iter().product::<usize>() != 96 {
         return Err(shape_err("not one 96-dim embedding per pulse"));
+    }
+    if shape[0] != 1 || out.stream.as_ref().map(|s| s.axis) != Some(2) {
+        return Err(shape_err("the output does not stream along its third axis"));
     }
     let optimized = pulsed
         .into_typed()
@@ -115,7 +153,7 @@ pub(crate) fn load(path: &Path, bins: usize, pulse: usize) -> Result<PulsedEmbed
         .into_optimized()
         .map_err(fail)?;
     let plan = OnnxPlan::from_typed(path, optimized, &[&[1, pulse, bins, 1]], false)?;
-    Ok(PulsedEmbedding { plan, delay })
+    Ok(PulsedEmbedding { plan, delay, shape })
 }
 
 fn int64_values(t: &pb::TensorProto) -> Option<Vec<i64>> {

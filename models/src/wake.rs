@@ -64,11 +64,16 @@ enum Embedder {
         pending: Vec<f32>,
         /// Pulses run since the stream began.
         pulses: u64,
+        /// One pulse's output as [steps, bands, channels]: the items the
+        /// ring keeps (allocated once).
+        items: Vec<f32>,
     },
 }
 
 /// Streaming mel spectrogram + speech embedding: audio chunks in, one
-/// 96-dim embedding per chunk out, kept in a ring for the heads.
+/// 96-dim embedding per chunk out, kept in a ring for the heads. Cut (see
+/// [`SpeechFrontEnd::load_cut`]), the ring keeps an inner layer's rows
+/// instead.
 pub struct SpeechFrontEnd {
     /// Mel model planned for the first chunk (1280 samples, 5 frames).
     mel_first: OnnxPlan,
@@ -82,12 +87,15 @@ pub struct SpeechFrontEnd {
     primed: bool,
     /// Ring of the last 76 mel frames, `MEL_BINS` values each.
     mel_ring: Ring,
-    /// Ring of the last embeddings, as many as the widest head needs.
+    /// Ring of the last embeddings, as many as the widest head needs (or,
+    /// cut, of the last rows).
     embeddings: Ring,
     /// Scratch for one mel model output (8 frames).
     mel_out: [f32; FRAMES_PER_CHUNK * MEL_BINS],
-    /// The embedding of silence, openWakeWord's starting history.
-    silence: [f32; EMBEDDING_DIM],
+    /// The embedding (or row) of silence, openWakeWord's starting history.
+    silence: Vec<f32>,
+    /// Items added to the ring since the last reset (the rest is silence).
+    emitted: u64,
 }
 
 impl SpeechFrontEnd {
@@ -109,18 +117,38 @@ impl SpeechFrontEnd {
         history: usize,
         mode: EmbeddingMode,
     ) -> Result<Self, ModelError> {
-        let mel_first = OnnxPlan::load(mel, &[&[1, CHUNK_SAMPLES]])?;
-        let mut mel = OnnxPlan::load(mel, &[&[1, MEL_INPUT]])?;
-        let mut embedder = match mode {
+        let embedder = match mode {
             EmbeddingMode::Windowed => {
                 Embedder::Windowed(OnnxPlan::load(embedding, &[&[1, MEL_WINDOW, MEL_BINS, 1]])?)
             }
-            EmbeddingMode::Streaming => Embedder::Streaming {
-                net: pulse::load(embedding, MEL_BINS, FRAMES_PER_CHUNK)?,
-                pending: Vec::with_capacity((MEL_WINDOW + FRAMES_PER_CHUNK) * MEL_BINS),
-                pulses: 0,
-            },
+            EmbeddingMode::Streaming => {
+                Embedder::streaming(pulse::load(embedding, MEL_BINS, FRAMES_PER_CHUNK)?)
+            }
         };
+        Self::with_embedder(mel, embedder, history)
+    }
+
+    /// The streaming front end cut before the embedding model's convolution
+    /// named `layer` (e.g. "conv2d_15"): the ring keeps that layer's input,
+    /// one row ([bands, channels] values) per time step of the layer, the
+    /// newest `history` rows. The rows of silence fill it at the start.
+    pub fn load_cut(
+        mel: &Path,
+        embedding: &Path,
+        history: usize,
+        layer: &str,
+    ) -> Result<Self, ModelError> {
+        let net = pulse::load_cut(embedding, MEL_BINS, FRAMES_PER_CHUNK, Some(layer))?;
+        Self::with_embedder(mel, Embedder::streaming(net), history)
+    }
+
+    fn with_embedder(
+        mel: &Path,
+        mut embedder: Embedder,
+        history: usize,
+    ) -> Result<Self, ModelError> {
+        let mel_first = OnnxPlan::load(mel, &[&[1, CHUNK_SAMPLES]])?;
+        let mut mel = OnnxPlan::load(mel, &[&[1, MEL_INPUT]])?;
         let silence = silence_embedding(&mut mel, &mut embedder)?;
         let mut front = SpeechFrontEnd {
             mel_first,
@@ -129,9 +157,10 @@ impl SpeechFrontEnd {
             context: [0.0; MEL_CONTEXT],
             primed: false,
             mel_ring: Ring::new(MEL_WINDOW, MEL_BINS),
-            embeddings: Ring::new(history.max(1), EMBEDDING_DIM),
+            embeddings: Ring::new(history.max(1), silence.len()),
             mel_out: [0.0; FRAMES_PER_CHUNK * MEL_BINS],
             silence,
+            emitted: 0,
         };
         front.reset()?;
         Ok(front)
@@ -149,6 +178,7 @@ impl SpeechFrontEnd {
     /// filled with the embedding of silence (as openWakeWord starts).
     pub fn reset(&mut self) -> Result<(), ModelError> {
         self.primed = false;
+        self.emitted = 0;
         self.context = [0.0; MEL_CONTEXT];
         for _ in 0..self.embeddings.capacity() {
             self.embeddings.push(&self.silence);
@@ -158,6 +188,7 @@ impl SpeechFrontEnd {
             net,
             pending,
             pulses,
+            ..
         } = &mut self.embedder
         {
             net.plan.reset_state()?;
@@ -218,15 +249,19 @@ impl SpeechFrontEnd {
                 let outputs = plan.run()?;
                 let embedding = embedding_of(plan.name(), &outputs)?;
                 self.embeddings.push(embedding);
+                self.emitted += 1;
                 Ok(true)
             }
             Embedder::Streaming {
                 net,
                 pending,
                 pulses,
+                items,
             } => {
                 pending.extend_from_slice(&self.mel_out[..values]);
                 let pulse = FRAMES_PER_CHUNK * MEL_BINS;
+                let steps = net.shape[2];
+                let width = items.len() / steps;
                 let mut fed = 0;
                 let mut added = false;
                 while pending.len() - fed >= pulse {
@@ -235,12 +270,17 @@ impl SpeechFrontEnd {
                         .copy_from_slice(&pending[fed..fed + pulse]);
                     fed += pulse;
                     let outputs = net.plan.run()?;
-                    *pulses += 1;
-                    if *pulses > net.delay as u64 {
-                        self.embeddings
-                            .push(embedding_of(net.plan.name(), &outputs)?);
-                        added = true;
+                    rearrange(net, &outputs, items)?;
+                    drop(outputs);
+                    for (s, item) in items.chunks_exact(width).enumerate() {
+                        // This item's place in the stream, counting from its first real step.
+                        if *pulses * steps as u64 + s as u64 >= net.delay as u64 {
+                            self.embeddings.push(item);
+                            self.emitted += 1;
+                            added = true;
+                        }
                     }
+                    *pulses += 1;
                 }
                 pending.drain(..fed);
                 Ok(added)
@@ -254,9 +294,10 @@ impl SpeechFrontEnd {
     }
 
     /// Copies the newest `rows` embeddings, oldest first, into `out`
-    /// (`rows * EMBEDDING_DIM` values; `rows` at most [`Self::history`]).
+    /// (`rows * EMBEDDING_DIM` values, or rows of [`Self::width`] when cut;
+    /// `rows` at most [`Self::history`]).
     pub fn copy_history(&self, rows: usize, out: &mut [f32]) -> Result<(), ModelError> {
-        if rows > self.history() || out.len() != rows * EMBEDDING_DIM {
+        if rows > self.history() || out.len() != rows * self.width() {
             return Err(ModelError::Input(format!(
                 "asked for {rows} embeddings into {} values; {} are kept",
                 out.len(),
@@ -271,15 +312,63 @@ impl SpeechFrontEnd {
     pub fn history(&self) -> usize {
         self.embeddings.capacity()
     }
+
+    /// Items (embeddings, or rows when cut) the stream has made since the
+    /// last reset; older places in the history hold silence's.
+    pub fn emitted(&self) -> u64 {
+        self.emitted
+    }
+
+    /// Values per kept item: [`EMBEDDING_DIM`], or a cut layer's row.
+    pub fn width(&self) -> usize {
+        self.embeddings.width
+    }
 }
 
-/// The embedding of silence, computed by the embedder in use: the mel of
-/// zeros is the same frame everywhere, so a window (or a stream) of that
-/// frame. A streaming embedder's state is reset afterwards by `reset`.
-fn silence_embedding(
-    mel: &mut OnnxPlan,
-    embedder: &mut Embedder,
-) -> Result<[f32; EMBEDDING_DIM], ModelError> {
+impl Embedder {
+    fn streaming(net: PulsedEmbedding) -> Self {
+        let [_, channels, steps, bands] = net.shape;
+        Embedder::Streaming {
+            net,
+            pending: Vec::with_capacity((MEL_WINDOW + FRAMES_PER_CHUNK) * MEL_BINS),
+            pulses: 0,
+            items: vec![0.0; channels * steps * bands],
+        }
+    }
+}
+
+/// A pulse's output [1, channels, steps, bands] as [steps, bands, channels].
+fn rearrange(
+    net: &PulsedEmbedding,
+    outputs: &TVec<TValue>,
+    items: &mut [f32],
+) -> Result<(), ModelError> {
+    let [_, channels, steps, bands] = net.shape;
+    let out = output_slice(net.plan.name(), outputs, 0)?;
+    if out.len() != items.len() {
+        return Err(ModelError::Shape {
+            model: net.plan.name().to_string(),
+            reason: format!(
+                "expected {} values per pulse, got {}",
+                items.len(),
+                out.len()
+            ),
+        });
+    }
+    for c in 0..channels {
+        for s in 0..steps {
+            for b in 0..bands {
+                items[(s * bands + b) * channels + c] = out[(c * steps + s) * bands + b];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The embedding (or row) of silence, computed by the embedder in use: the
+/// mel of zeros is the same frame everywhere, so a window (or a stream) of
+/// that frame. A streaming embedder's state is reset afterwards by `reset`.
+fn silence_embedding(mel: &mut OnnxPlan, embedder: &mut Embedder) -> Result<Vec<f32>, ModelError> {
     mel.input_mut(0)?.fill(0.0);
     let outputs = mel.run()?;
     let frames = output_slice(mel.name(), &outputs, 0)?;
@@ -303,24 +392,26 @@ fn silence_embedding(
             .chunks_exact_mut(MEL_BINS)
             .for_each(|row| row.copy_from_slice(&frame))
     };
-    let mut silence = [0.0; EMBEDDING_DIM];
     match embedder {
         Embedder::Windowed(plan) => {
             fill(plan.input_mut(0)?);
             let outputs = plan.run()?;
-            silence.copy_from_slice(embedding_of(plan.name(), &outputs)?);
+            Ok(embedding_of(plan.name(), &outputs)?.to_vec())
         }
-        Embedder::Streaming { net, .. } => {
-            // The first output that sees a whole window comes after `delay` pulses.
+        Embedder::Streaming { net, items, .. } => {
+            // The first output step that sees only real input is step `delay`.
+            let steps = net.shape[2];
             fill(net.plan.input_mut(0)?);
-            for _ in 0..net.delay {
+            for _ in 0..net.delay / steps {
                 net.plan.run()?;
             }
             let outputs = net.plan.run()?;
-            silence.copy_from_slice(embedding_of(net.plan.name(), &outputs)?);
+            rearrange(net, &outputs, items)?;
+            let width = items.len() / steps;
+            let at = net.delay % steps * width;
+            Ok(items[at..at + width].to_vec())
         }
     }
-    Ok(silence)
 }
 
 /// Output 0 of an embedding run, checked to be one embedding.

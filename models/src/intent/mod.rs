@@ -10,6 +10,7 @@
 //! - [`net`]: the network and its training; [`onnx`] writes it as ONNX.
 //! - [`IntentModel`]: the exported model on tract, with its labels.
 
+pub mod embedding_top;
 pub mod grammar;
 pub mod net;
 pub mod onnx;
@@ -139,16 +140,77 @@ pub struct CommandFront {
     front: SpeechFrontEnd,
     silence: [i16; CHUNK_SAMPLES],
     partial: Vec<i16>,
+    /// Cut: the newest rows, one more than the features hold (allocated once).
+    rows: Option<Vec<f32>>,
 }
 
+/// Rows of the cut embedding model that the [`FRAMES`] windows span.
+pub const CUT_ROWS: usize = FRAMES * embedding_top::ROWS_PER_STEP + embedding_top::EXTRA_ROWS;
+/// Values in one cut feature matrix.
+pub const CUT_FEATURES: usize = CUT_ROWS * embedding_top::ROW;
+
 impl CommandFront {
-    /// Loads the mel and embedding models (streaming embedding).
+    /// Loads the mel and embedding models (streaming embedding): the
+    /// features are the newest [`FRAMES`] embeddings ([`FEATURES`] values).
     pub fn load(mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
         Ok(CommandFront {
             front: SpeechFrontEnd::load_files(mel, embedding, FRAMES, EmbeddingMode::Streaming)?,
             silence: [0; CHUNK_SAMPLES],
             partial: Vec::with_capacity(CHUNK_SAMPLES),
+            rows: None,
         })
+    }
+
+    /// The front end cut before [`embedding_top::CUT_LAYER`]: the features
+    /// are the rows the newest [`FRAMES`] windows span ([`CUT_ROWS`] rows,
+    /// [`CUT_FEATURES`] values), from which [`embedding_top::EmbeddingTop`]
+    /// makes those windows' embeddings.
+    pub fn load_cut(mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
+        // The cut stream runs one row ahead of the embeddings: the newest
+        // row belongs to a window whose embedding has not come out yet.
+        let keep = CUT_ROWS + 1;
+        let front = SpeechFrontEnd::load_cut(mel, embedding, keep, embedding_top::CUT_LAYER)?;
+        if front.width() != embedding_top::ROW {
+            return Err(ModelError::Shape {
+                model: embedding.display().to_string(),
+                reason: format!(
+                    "the input of {} has {} values per row, not {}",
+                    embedding_top::CUT_LAYER,
+                    front.width(),
+                    embedding_top::ROW
+                ),
+            });
+        }
+        Ok(CommandFront {
+            front,
+            silence: [0; CHUNK_SAMPLES],
+            partial: Vec::with_capacity(CHUNK_SAMPLES),
+            rows: Some(vec![0.0; keep * embedding_top::ROW]),
+        })
+    }
+
+    /// How many of the newest [`FRAMES`] windows hold the command's stream
+    /// (the older ones are the silence the history starts with). Cut, the
+    /// rows of the others are silence's and the stream's start mixed, so a
+    /// model on rows uses the embedding of silence for them instead.
+    pub fn real_windows(&self) -> usize {
+        let emitted = self.front.emitted() as usize;
+        let windows = if self.rows.is_some() {
+            // The newest row is one ahead of the newest window's last row.
+            emitted.saturating_sub(embedding_top::EXTRA_ROWS + 1) / embedding_top::ROWS_PER_STEP
+        } else {
+            emitted
+        };
+        windows.min(FRAMES)
+    }
+
+    /// Values `finish` writes: [`FEATURES`], or [`CUT_FEATURES`] when cut.
+    pub fn features(&self) -> usize {
+        if self.rows.is_some() {
+            CUT_FEATURES
+        } else {
+            FEATURES
+        }
     }
 
     /// Starts a command: the history is silence again.
@@ -181,7 +243,8 @@ impl CommandFront {
     }
 
     /// Ends the command: pads the last chunk and [`TAIL_CHUNKS`] of
-    /// silence, then copies the newest [`FRAMES`] embeddings into `out`.
+    /// silence, then copies the newest [`FRAMES`] embeddings (or their
+    /// rows) into `out` ([`CommandFront::features`] values).
     pub fn finish(&mut self, out: &mut [f32]) -> Result<(), ModelError> {
         if !self.partial.is_empty() {
             self.partial.resize(CHUNK_SAMPLES, 0);
@@ -193,7 +256,20 @@ impl CommandFront {
         for _ in 0..TAIL_CHUNKS {
             self.front.push_chunk(&self.silence)?;
         }
-        self.front.copy_history(FRAMES, out)
+        match &mut self.rows {
+            None => self.front.copy_history(FRAMES, out),
+            Some(rows) => {
+                if out.len() != CUT_FEATURES {
+                    return Err(ModelError::Input(format!(
+                        "the cut features are {CUT_FEATURES} values, got room for {}",
+                        out.len()
+                    )));
+                }
+                self.front.copy_history(CUT_ROWS + 1, rows)?;
+                out.copy_from_slice(&rows[..CUT_FEATURES]);
+                Ok(())
+            }
+        }
     }
 
     /// `begin`, `push(samples)`, `finish`: the features of a whole clip.

@@ -109,7 +109,7 @@ pub struct Grads {
 
 /// C[m,n] (+)= A[m,k] · B[k,n], with either operand read transposed.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(crate) fn gemm(
     m: usize,
     k: usize,
     n: usize,
