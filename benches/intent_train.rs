@@ -5,9 +5,15 @@
 //! and ten slot heads). A full training run is about
 //! `30 epochs × clips / 256` of the epoch figure.
 //!
+//! The embedding's top (conv2d_15–19, `intent::embedding_top`), which a
+//! trainer tuning the front end runs per clip as well: forward and
+//! backward over the rows of 33 windows (the average command's real
+//! windows out of 64) and of all 64.
+//!
 //! `cargo bench -p kith-benches --bench intent_train` (no models needed).
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use kith_models::intent::embedding_top::{Axis, CHANNELS, EmbeddingTop, ROW, TopConv, rows_for};
 use kith_models::intent::grammar::Rng;
 use kith_models::intent::net::{DILATIONS, Example, Net, Shape, TrainOptions};
 
@@ -71,5 +77,50 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// A top with random weights at the real sizes.
+fn random_top(seed: u64) -> EmbeddingTop {
+    let mut rng = Rng::new(seed);
+    let axes = [Axis::Bands, Axis::Time, Axis::Bands, Axis::Time, Axis::Time];
+    let convs = axes
+        .iter()
+        .enumerate()
+        .map(|(i, &axis)| TopConv {
+            axis,
+            w: (0..3 * CHANNELS * CHANNELS)
+                .map(|_| rng.normal() * 0.08)
+                .collect(),
+            b: if i < 4 {
+                vec![0.01; CHANNELS]
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
+    EmbeddingTop { convs, floor: -0.4 }
+}
+
+fn bench_top(c: &mut Criterion) {
+    let top = random_top(3);
+    let mut rng = Rng::new(4);
+    let mut group = c.benchmark_group("embedding_top");
+    group.sample_size(20);
+    for windows in [33, 64] {
+        let rows: Vec<f32> = (0..rows_for(windows) * ROW).map(|_| rng.normal()).collect();
+        let g: Vec<f32> = (0..windows * CHANNELS).map(|_| rng.normal()).collect();
+        group.bench_function(format!("forward, {windows} windows"), |b| {
+            b.iter(|| top.embed(&rows))
+        });
+        group.bench_function(format!("forward and backward, {windows} windows"), |b| {
+            let mut grads = top.zero_grads();
+            b.iter(|| {
+                if let Ok(trace) = top.forward(&rows) {
+                    top.backward(&trace, &g, &mut grads);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_top);
 criterion_main!(benches);

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kith_hal::AudioSource;
-use kith_models::intent::{CommandFront, FEATURES, IntentModel};
+use kith_models::intent::{CommandFront, IntentModel};
 use kith_models::{
     CHUNK_SAMPLES, Detection, EmbeddingMode, SpeechFrontEnd, Vad, WakeHead, WakeWordPipeline,
 };
@@ -173,11 +173,11 @@ impl CommandListener {
             .context("loading the VAD (it finds the end of a command)")?;
         Ok(CommandListener {
             front,
+            features: vec![0.0; model.front().features()],
             model,
             vad,
             opts,
             capture: None,
-            features: vec![0.0; FEATURES],
             recent: VecDeque::with_capacity(PRE_ROLL_CHUNKS + 1),
         })
     }

@@ -93,6 +93,11 @@ enum IntentCommand {
         /// trying other epochs or widths then skips synthesis
         #[arg(long, value_name = "DIR")]
         cache: Option<PathBuf>,
+        /// Also train the speech embedding's last five layers, from their
+        /// pretrained weights: better under babble, several times the
+        /// training time, and the model runs those layers itself
+        #[arg(long)]
+        tune_front: bool,
     },
     /// Understand commands in WAV files (or directories of them)
     Infer {
@@ -435,6 +440,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             cache,
             layers,
             members,
+            tune_front,
         } => {
             if utterances == 0 || epochs == 0 || channels == 0 {
                 bail!("--utterances, --epochs and --channels must be at least 1");
@@ -455,6 +461,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 cache,
                 dilations: (0..layers).map(|l| 1usize << l).collect(),
                 members: members as usize,
+                tune_front,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {
@@ -500,7 +507,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 bail!("no .wav files in {paths:?}");
             }
             let (mut front, mut model) = intent::load_model(store, &model)?;
-            let mut features = vec![0.0; kith_models::intent::FEATURES];
+            let mut features = vec![0.0; model.front().features()];
             let mut failed = 0;
             for f in files {
                 let name = f.display().to_string();

@@ -296,6 +296,54 @@ fn members_train_an_ensemble_that_infer_runs_as_one_model() {
 }
 
 #[test]
+fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
+    let single = metrics(small_model());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, err) = train_small_context(
+        dir.path(),
+        &[
+            "--utterances",
+            "300",
+            "--test-utterances",
+            "10",
+            "--epochs",
+            "4",
+            "--members",
+            "2",
+            "--tune-front",
+        ],
+    );
+    assert!(err.contains("training network 2/2"), "{err}");
+    // Each member carries its own copy of conv2d_15–19 (five 96×96×3
+    // kernels, four biases) on top of the small model's network.
+    let top = 5 * 3 * 96 * 96 + 4 * 96;
+    assert_eq!(
+        metrics(&out)["parameters"].as_u64().expect("n"),
+        2 * (single["parameters"].as_u64().expect("n") + top)
+    );
+    let labels = std::fs::read_to_string(out.join("labels.json")).expect("labels");
+    assert!(labels.contains(r#""front": "cut""#), "{labels}");
+    let plain = std::fs::read_to_string(small_model().join("labels.json")).expect("labels");
+    assert!(!plain.contains("front"), "plain labels stay as they were");
+    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).expect("card");
+    assert!(
+        card.contains("(conv2d_15–19) trained with the network"),
+        "{card}"
+    );
+    let wavs = tempfile::tempdir().expect("tempdir");
+    say(
+        &wavs.path().join("a.wav"),
+        "en-029+f4",
+        150,
+        "turn off the bedroom light",
+    );
+    let o = infer_json(&out, wavs.path());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let line: Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
+    assert!(line["understood"].is_boolean(), "{line}");
+}
+
+#[test]
 fn infer_json_follows_the_contract_and_out_of_grammar_speech_is_not_understood() {
     let model = small_model();
     let wavs = tempfile::tempdir().expect("tempdir");

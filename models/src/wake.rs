@@ -319,6 +319,12 @@ impl SpeechFrontEnd {
         self.emitted
     }
 
+    /// The item the history starts with: the embedding of silence (cut:
+    /// the row of silence).
+    pub fn silence(&self) -> &[f32] {
+        &self.silence
+    }
+
     /// Values per kept item: [`EMBEDDING_DIM`], or a cut layer's row.
     pub fn width(&self) -> usize {
         self.embeddings.width

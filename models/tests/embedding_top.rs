@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use kith_models::CHUNK_SAMPLES;
 use kith_models::intent::embedding_top::{Axis, CHANNELS, EmbeddingTop, ROW, TopConv, rows_for};
 use kith_models::intent::grammar::Rng;
-use kith_models::intent::{CUT_FEATURES, CommandFront, FEATURES, FRAMES};
+use kith_models::intent::net::{DILATIONS, Example, Net, Shape};
+use kith_models::intent::{
+    CUT_FEATURES, CommandFront, FEATURES, FRAMES, Front, IntentModel, LABELS_FORMAT, Labels,
+    SlotLabels, onnx,
+};
 
 fn models_dir() -> PathBuf {
     let dir = std::env::var_os("KITH_MODELS_DIR")
@@ -158,8 +162,12 @@ fn check_top_against_the_front_end(audio: &[i16]) -> usize {
     let top = EmbeddingTop::load(&models_dir().join("embedding_model.onnx")).expect("top");
     let ((embeddings, real), (rows, real_cut)) = both_fronts(audio);
     assert_eq!(real, real_cut, "the fronts count different real windows");
-    assert_eq!(rows.len(), rows_for(FRAMES) * ROW);
-    let made = top.embed(&rows).expect("embed");
+    let (rows, mask) = rows.split_at(rows_for(FRAMES) * ROW);
+    let marked: Vec<f32> = (0..FRAMES)
+        .map(|w| if w >= FRAMES - real { 1.0 } else { 0.0 })
+        .collect();
+    assert_eq!(mask, marked.as_slice(), "the mask marks the real windows");
+    let made = top.embed(rows).expect("embed");
     let from = (FRAMES - real) * CHANNELS;
     let scale = embeddings[from..]
         .iter()
@@ -209,4 +217,177 @@ fn a_short_command_has_few_real_windows_and_they_match_too() {
     // A clip longer than the history: all 64 are real.
     let long: Vec<i16> = audio.iter().chain(&audio).copied().collect();
     assert_eq!(check_top_against_the_front_end(&long), FRAMES);
+}
+
+/// A small network over a random top, and examples of cut features with
+/// 0, some and all windows real.
+fn tuned_tiny() -> (Net, Vec<Example>) {
+    let frames = 7;
+    let shape = Shape {
+        frames,
+        dim: CHANNELS,
+        dilations: DILATIONS.to_vec(),
+        channels: 5,
+        heads: vec![3, 2],
+    };
+    let mut rng = Rng::new(21);
+    let silence: Vec<f32> = (0..CHANNELS).map(|_| rng.normal()).collect();
+    let mut net = Net::new(shape, 4).with_front(random_top(8), silence);
+    for h in &mut net.heads {
+        h.q.iter_mut().for_each(|q| *q = rng.normal() * 0.5);
+    }
+    let examples: Vec<Example> = [0, 3, 7, 5]
+        .iter()
+        .enumerate()
+        .map(|(i, &real)| {
+            let mut features: Vec<f32> =
+                (0..rows_for(frames) * ROW).map(|_| rng.normal()).collect();
+            features.extend((0..frames).map(|w| if w >= frames - real { 1.0 } else { 0.0 }));
+            Example {
+                features,
+                targets: vec![Some((i % 3) as u16), Some((i % 2) as u16)],
+            }
+        })
+        .collect();
+    assert_eq!(examples[0].features.len(), net.features());
+    net.fit_normalization(&examples);
+    (net, examples)
+}
+
+#[test]
+fn gradients_through_the_network_into_a_tuned_top_match_finite_differences() {
+    let (net, examples) = tuned_tiny();
+    let batch: Vec<&Example> = examples.iter().collect();
+    let (_, grads) = net.loss_and_grads(&batch);
+    let analytic = grads.flatten();
+    assert_eq!(analytic.len(), net.parameters());
+    let own = net.parameters() - net.front.as_ref().map_or(0, |f| f.top.parameters());
+    let eps = 1e-3;
+    let mut bad = Vec::new();
+    let (mut checked_top, mut moving_top) = (0, 0);
+    // Every 7th of the network's own, every 331st of the top's.
+    let indices = (0..own)
+        .step_by(7)
+        .chain((own..analytic.len()).step_by(331));
+    for i in indices {
+        let mut plus = net.clone();
+        plus.nudge(i, eps);
+        let mut minus = net.clone();
+        minus.nudge(i, -eps);
+        let numeric =
+            (plus.loss_and_grads(&batch).0 - minus.loss_and_grads(&batch).0) / (2.0 * eps);
+        let a = analytic[i];
+        if (a - numeric).abs() > 2e-3 + 0.05 * numeric.abs() {
+            bad.push((i, a, numeric));
+        }
+        if i >= own {
+            checked_top += 1;
+            moving_top += usize::from(a.abs() > 1e-4);
+        }
+    }
+    assert!(bad.len() <= 3, "{} gradients differ: {bad:?}", bad.len());
+    assert!(
+        checked_top > 300 && moving_top > checked_top / 3,
+        "{moving_top} of {checked_top} top gradients move"
+    );
+}
+
+#[test]
+fn a_network_with_the_pretrained_top_sees_what_the_plain_network_sees() {
+    // Same weights, one on embeddings and one on the cut front end's rows:
+    // the same probabilities for the same audio.
+    let dir = models_dir();
+    let top = EmbeddingTop::load(&dir.join("embedding_model.onnx")).expect("top");
+    let shape = Shape {
+        frames: FRAMES,
+        dim: CHANNELS,
+        dilations: DILATIONS.to_vec(),
+        channels: 16,
+        heads: vec![4, 3],
+    };
+    let plain = Net::new(shape, 2);
+    let mut silence = vec![0.0; FEATURES];
+    CommandFront::load(
+        &dir.join("melspectrogram.onnx"),
+        &dir.join("embedding_model.onnx"),
+    )
+    .expect("front")
+    .features_of(&[], &mut silence)
+    .expect("silence");
+    let tuned = plain.clone().with_front(top, silence[..CHANNELS].to_vec());
+    for audio in [utterance(), utterance()[16_000..36_000].to_vec()] {
+        let ((embeddings, _), (rows, _)) = both_fronts(&audio);
+        let (a, b) = (plain.predict(&embeddings), tuned.predict(&rows));
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-4, "plain {x} vs tuned {y}");
+        }
+    }
+}
+
+#[test]
+fn a_network_with_a_tuned_top_on_tract_gives_its_own_probabilities() {
+    let heads = vec![4, 3];
+    let shape = Shape {
+        frames: FRAMES,
+        dim: CHANNELS,
+        dilations: DILATIONS.to_vec(),
+        channels: 16,
+        heads: heads.clone(),
+    };
+    let mut rng = Rng::new(31);
+    let silence: Vec<f32> = (0..CHANNELS).map(|_| rng.normal()).collect();
+    let mut net = Net::new(shape, 3).with_front(random_top(12), silence);
+    for h in &mut net.heads {
+        h.q.iter_mut().for_each(|q| *q = rng.normal() * 0.3);
+        h.b.iter_mut().for_each(|b| *b = rng.normal() * 0.3);
+    }
+    net.mean.iter_mut().for_each(|m| *m = rng.normal());
+    net.inv_std
+        .iter_mut()
+        .for_each(|s| *s = rng.range(0.05, 0.2));
+    let labels = Labels {
+        format: LABELS_FORMAT,
+        frames: FRAMES,
+        intents: (0..3).map(|i| format!("intent{i}")).collect(),
+        slots: vec![SlotLabels {
+            name: "slot".to_string(),
+            values: vec!["a".to_string(), "b".to_string()],
+        }],
+        intent_slots: vec![vec![0], vec![], vec![]],
+        threshold: 0.5,
+        intent_thresholds: Default::default(),
+        grammar_sha256: "0".repeat(64),
+        front: Front::Cut,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("intent.onnx"), onnx::to_onnx(&net, "test")).expect("onnx");
+    std::fs::write(
+        dir.path().join("labels.json"),
+        serde_json::to_string(&labels).expect("json"),
+    )
+    .expect("labels");
+    let mut model = IntentModel::load(dir.path()).expect("tract loads the export");
+    assert_eq!(model.front(), Front::Cut);
+    let mut differ = 0.0f32;
+    for real in [0, 1, 23, FRAMES] {
+        let mut features: Vec<f32> = (0..CUT_FEATURES - FRAMES).map(|_| rng.normal()).collect();
+        features.extend((0..FRAMES).map(|w| if w >= FRAMES - real { 1.0 } else { 0.0 }));
+        let ours = net.predict(&features);
+        let tract = model.probabilities(&features).expect("runs");
+        for (x, y) in tract.iter().flatten().zip(ours.iter().flatten()) {
+            assert!(
+                (x - y).abs() < 1e-4,
+                "{real} real windows: tract {x} vs net {y}"
+            );
+        }
+        differ = differ.max((ours[0][0] - 1.0 / 4.0).abs());
+    }
+    assert!(
+        differ > 1e-2,
+        "the probabilities do not depend on the input"
+    );
+    let err = model
+        .probabilities(&vec![0.0; FEATURES])
+        .expect_err("embeddings are not rows");
+    assert!(err.to_string().contains(&CUT_FEATURES.to_string()), "{err}");
 }

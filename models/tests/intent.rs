@@ -389,6 +389,7 @@ fn labels_for(heads: &[usize]) -> Labels {
         threshold: 0.5,
         intent_thresholds: Default::default(),
         grammar_sha256: "0".repeat(64),
+        front: Default::default(),
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use kith_hal::{AudioSource, WavSource};
-use kith_models::intent::{CommandFront, FEATURES, IntentModel, Understanding};
+use kith_models::intent::{CommandFront, IntentModel, Understanding};
 use serde_json::{Map, Value, json};
 
 use crate::store::ModelStore;
@@ -85,7 +85,8 @@ pub fn load_model(store: &ModelStore, dir: &Path) -> Result<(CommandFront, Inten
             dir.display()
         )
     })?;
-    let front = CommandFront::load(
+    let front = CommandFront::load_for(
+        model.front(),
         &store.require("melspectrogram")?,
         &store.require("embedding_model")?,
     )
@@ -97,6 +98,7 @@ impl IntentEngine {
     /// Loads the model in `dir` and the front end from `store`.
     pub fn load(store: &ModelStore, dir: &Path) -> Result<IntentEngine> {
         let (front, model) = load_model(store, dir)?;
+        let features = model.front().features();
         let name = dir
             .canonicalize()
             .unwrap_or_else(|_| dir.to_path_buf())
@@ -106,7 +108,7 @@ impl IntentEngine {
         Ok(IntentEngine {
             name,
             dir: dir.to_path_buf(),
-            inner: Mutex::new((front, model, vec![0.0; FEATURES])),
+            inner: Mutex::new((front, model, vec![0.0; features])),
         })
     }
 

@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use kith_models::intent::embedding_top::EmbeddingTop;
 use kith_models::intent::grammar::{Grammar, Rng, Utterance};
 use kith_models::intent::net::{Example, Net, Shape, TrainOptions as NetOptions};
 use kith_models::intent::{
-    CommandFront, FEATURES, FRAMES, IntentModel, LABELS_FILE, LABELS_FORMAT, Labels, MODEL_FILE,
+    CommandFront, FRAMES, Front, IntentModel, LABELS_FILE, LABELS_FORMAT, Labels, MODEL_FILE,
     SlotLabels, onnx,
 };
 use kith_models::wake::EMBEDDING_DIM;
@@ -66,6 +67,9 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Where rendered features are kept for later runs (`None`: nowhere).
     pub cache: Option<PathBuf>,
+    /// Train the speech embedding's last five layers with the network
+    /// (the model then reads the cut front end's rows: [`Front::Cut`]).
+    pub tune_front: bool,
 }
 
 impl Default for TrainOptions {
@@ -83,6 +87,7 @@ impl Default for TrainOptions {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             seed: 1,
             cache: None,
+            tune_front: false,
         }
     }
 }
@@ -357,6 +362,7 @@ pub fn labels_of(grammar: &Grammar, sha256: &str) -> Labels {
         threshold: 0.5,
         intent_thresholds: Default::default(),
         grammar_sha256: sha256.to_string(),
+        front: Default::default(),
     }
 }
 
@@ -475,6 +481,15 @@ fn babble_bank(
     Ok(bank)
 }
 
+/// The features the trained model reads.
+fn front_of(opts: &TrainOptions) -> Front {
+    if opts.tune_front {
+        Front::Cut
+    } else {
+        Front::Embeddings
+    }
+}
+
 /// The name of the cache entry for `jobs`' features: a digest of the jobs
 /// (text, voice, rate, pitch, speed, augmentation and seed), of the babble
 /// tracks' samples (clips cut from other babble are other clips, whatever
@@ -488,7 +503,9 @@ fn cache_key(jobs: &[Job], bank: &NoiseBank, opts: &TrainOptions) -> String {
         }
     }
     grammar_hash(&format!(
-        "features v2 {FEATURES} {jobs:?} {:?} {} {:x}",
+        "features v2 {}{} {jobs:?} {:?} {} {:x}",
+        front_of(opts).features(),
+        if opts.tune_front { " cut" } else { "" },
         opts.noise_dirs,
         bank.recorded.len(),
         babble.finalize()
@@ -566,13 +583,15 @@ fn render_cached(
     opts: &TrainOptions,
     label: &str,
 ) -> Result<Vec<Vec<f32>>> {
+    let kind = front_of(opts);
     let Some(dir) = &opts.cache else {
-        return render(jobs, front, bank, opts.threads, label);
+        return render(jobs, front, kind, bank, opts.threads, label);
     };
     let key = cache_key(jobs, bank, opts);
     let path = dir.join(format!("{key}.f32"));
+    let size = kind.features();
     if let Ok(bytes) = std::fs::read(&path)
-        && bytes.len() == jobs.len() * FEATURES * 4
+        && bytes.len() == jobs.len() * size * 4
     {
         eprintln!(
             "{label}: {} clips from the cache {}",
@@ -580,7 +599,7 @@ fn render_cached(
             path.display()
         );
         return Ok(bytes
-            .chunks_exact(FEATURES * 4)
+            .chunks_exact(size * 4)
             .map(|clip| {
                 clip.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -588,7 +607,7 @@ fn render_cached(
             })
             .collect());
     }
-    let features = render(jobs, front, bank, opts.threads, label)?;
+    let features = render(jobs, front, kind, bank, opts.threads, label)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let bytes: Vec<u8> = features
         .iter()
@@ -606,6 +625,7 @@ fn render_cached(
 fn render(
     jobs: &[Job],
     front: &FrontFiles,
+    kind: Front,
     bank: &NoiseBank,
     threads: usize,
     label: &str,
@@ -619,9 +639,9 @@ fn render(
         for _ in 0..threads.max(1) {
             s.spawn(|| {
                 let run = || -> Result<()> {
-                    let mut cf = CommandFront::load(&front.mel, &front.embedding)
+                    let mut cf = CommandFront::load_for(kind, &front.mel, &front.embedding)
                         .context("loading the audio front end")?;
-                    let mut features = vec![0.0; FEATURES];
+                    let mut features = vec![0.0; kind.features()];
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= jobs.len() || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
@@ -686,6 +706,16 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     let (text, grammar) = read_context(&opts.context)?;
     let sha = grammar_hash(&text);
     let mut labels = labels_of(&grammar, &sha);
+    labels.front = front_of(opts);
+    // The embedding's top and the embedding of silence, when tuned.
+    let tuned = if opts.tune_front {
+        let top = EmbeddingTop::load(&front.embedding).context("reading the embedding's top")?;
+        let plain = CommandFront::load(&front.mel, &front.embedding)
+            .context("loading the audio front end")?;
+        Some((top, plain.silence().to_vec()))
+    } else {
+        None
+    };
     let n_intents = grammar.intents.len();
     let none_class = n_intents as u16;
     let train_voices = voices::voices(Split::Train)?;
@@ -1060,6 +1090,9 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     for m in 0..members {
         let seed = opts.seed.wrapping_add(m as u64);
         let mut net = Net::new(shape.clone(), seed);
+        if let Some((top, silence)) = &tuned {
+            net = net.with_front(top.clone(), silence.clone());
+        }
         net.fit_normalization(&examples);
         let label = if members == 1 {
             "training".to_string()
@@ -1684,6 +1717,12 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         "- Network: dilated 1-D convolutions over {} speech embeddings (5.12 s), attention-pooled heads{ensemble}; {} parameters, {} bytes of ONNX\n",
         FRAMES, r.parameters, r.model_bytes
     ));
+    if labels.front == Front::Cut {
+        s.push_str(
+            "- Front end: the speech embedding's last five layers (conv2d_15–19) trained with the network from their pretrained weights (`--tune-front`); the model holds its copy of them and reads the rows before conv2d_15\n",
+        );
+    }
+
     s.push_str(&format!(
         "- Data: {} training clips ({} of them \"not understood\": everyday sentences, shuffled grammar words, noise), {} validation, {} calibration (everyday sentences never trained on), {} test\n",
         r.train_clips + r.validation_clips, r.negative_clips, r.validation_clips, r.calibration_clips, r.test_clips

@@ -61,6 +61,37 @@ pub struct Labels {
     pub intent_thresholds: BTreeMap<String, f32>,
     /// sha256 of the context file the model was trained on.
     pub grammar_sha256: String,
+    /// Which features the model reads (absent in older files: embeddings).
+    #[serde(default, skip_serializing_if = "Front::is_plain")]
+    pub front: Front,
+}
+
+/// The features an intent model reads, and so the front end it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Front {
+    /// The newest [`FRAMES`] speech embeddings ([`FEATURES`] values):
+    /// [`CommandFront::load`].
+    #[default]
+    Embeddings,
+    /// The rows before conv2d_15 and the real-window mask
+    /// ([`CUT_FEATURES`] values): [`CommandFront::load_cut`]. The model
+    /// holds its own trained copy of the embedding's top.
+    Cut,
+}
+
+impl Front {
+    fn is_plain(&self) -> bool {
+        *self == Front::Embeddings
+    }
+
+    /// Values in one input.
+    pub fn features(self) -> usize {
+        match self {
+            Front::Embeddings => FEATURES,
+            Front::Cut => CUT_FEATURES,
+        }
+    }
 }
 
 /// One slot head's classes.
@@ -146,8 +177,9 @@ pub struct CommandFront {
 
 /// Rows of the cut embedding model that the [`FRAMES`] windows span.
 pub const CUT_ROWS: usize = FRAMES * embedding_top::ROWS_PER_STEP + embedding_top::EXTRA_ROWS;
-/// Values in one cut feature matrix.
-pub const CUT_FEATURES: usize = CUT_ROWS * embedding_top::ROW;
+/// Values in one cut input: the rows, then one per window (1: the window
+/// holds the command's stream; 0: the embedding of silence stands there).
+pub const CUT_FEATURES: usize = CUT_ROWS * embedding_top::ROW + FRAMES;
 
 impl CommandFront {
     /// Loads the mel and embedding models (streaming embedding): the
@@ -161,10 +193,24 @@ impl CommandFront {
         })
     }
 
+    /// The item the history starts with: the embedding of silence (cut:
+    /// the row of silence).
+    pub fn silence(&self) -> &[f32] {
+        self.front.silence()
+    }
+
+    /// The front end a model reading `front` needs.
+    pub fn load_for(front: Front, mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
+        match front {
+            Front::Embeddings => Self::load(mel, embedding),
+            Front::Cut => Self::load_cut(mel, embedding),
+        }
+    }
+
     /// The front end cut before [`embedding_top::CUT_LAYER`]: the features
-    /// are the rows the newest [`FRAMES`] windows span ([`CUT_ROWS`] rows,
-    /// [`CUT_FEATURES`] values), from which [`embedding_top::EmbeddingTop`]
-    /// makes those windows' embeddings.
+    /// are the rows the newest [`FRAMES`] windows span ([`CUT_ROWS`] rows),
+    /// from which [`embedding_top::EmbeddingTop`] makes those windows'
+    /// embeddings, then which windows are real ([`CUT_FEATURES`] values).
     pub fn load_cut(mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
         // The cut stream runs one row ahead of the embeddings: the newest
         // row belongs to a window whose embedding has not come out yet.
@@ -266,7 +312,12 @@ impl CommandFront {
                     )));
                 }
                 self.front.copy_history(CUT_ROWS + 1, rows)?;
-                out.copy_from_slice(&rows[..CUT_FEATURES]);
+                let (out_rows, mask) = out.split_at_mut(CUT_ROWS * embedding_top::ROW);
+                out_rows.copy_from_slice(&rows[..CUT_ROWS * embedding_top::ROW]);
+                let real = self.real_windows();
+                for (w, m) in mask.iter_mut().enumerate() {
+                    *m = if w >= FRAMES - real { 1.0 } else { 0.0 };
+                }
                 Ok(())
             }
         }
@@ -342,9 +393,18 @@ impl IntentModel {
             ));
         }
         let model_path = dir.join(MODEL_FILE);
-        let mut plan = OnnxPlan::load(&model_path, &[&[1, FRAMES, EMBEDDING_DIM]])?;
+        let mut plan = match labels.front {
+            Front::Embeddings => OnnxPlan::load(&model_path, &[&[1, FRAMES, EMBEDDING_DIM]])?,
+            Front::Cut => OnnxPlan::load(
+                &model_path,
+                &[&[1, CUT_ROWS, embedding_top::ROW], &[1, FRAMES]],
+            )?,
+        };
         // Check the outputs against the labels once, on silence.
         plan.input_mut(0)?.fill(0.0);
+        if labels.front == Front::Cut {
+            plan.input_mut(1)?.fill(0.0);
+        }
         let outs = plan.run_to_vecs()?;
         let sizes = labels.head_sizes();
         if outs.len() != sizes.len() || outs.iter().zip(&sizes).any(|(o, &k)| o.len() != k) {
@@ -363,15 +423,28 @@ impl IntentModel {
         &self.labels
     }
 
-    /// Every head's probabilities for one feature matrix ([`FEATURES`] values).
+    /// The features this model reads.
+    pub fn front(&self) -> Front {
+        self.labels.front
+    }
+
+    /// Every head's probabilities for one input ([`Front::features`] values).
     pub fn probabilities(&mut self, features: &[f32]) -> Result<Vec<Vec<f32>>, ModelError> {
-        if features.len() != FEATURES {
+        let expected = self.labels.front.features();
+        if features.len() != expected {
             return Err(ModelError::Input(format!(
-                "intent features are {FEATURES} values, got {}",
+                "intent features are {expected} values, got {}",
                 features.len()
             )));
         }
-        self.plan.input_mut(0)?.copy_from_slice(features);
+        match self.labels.front {
+            Front::Embeddings => self.plan.input_mut(0)?.copy_from_slice(features),
+            Front::Cut => {
+                let (rows, mask) = features.split_at(CUT_ROWS * embedding_top::ROW);
+                self.plan.input_mut(0)?.copy_from_slice(rows);
+                self.plan.input_mut(1)?.copy_from_slice(mask);
+            }
+        }
         self.plan.run_to_vecs()
     }
 

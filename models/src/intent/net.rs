@@ -19,6 +19,7 @@
 //! gradients, checked against finite differences in the tests. Matrix
 //! products go through `matrixmultiply`; a batch is split over threads.
 
+use crate::intent::embedding_top::{self, EmbeddingTop, TopGrads, TopTrace};
 use crate::intent::grammar::Rng;
 
 /// Kernel width of every convolution.
@@ -60,16 +61,31 @@ pub struct Head {
     pub b: Vec<f32>,
 }
 
+/// The speech embedding's top, trained with the network: the network's
+/// features are then the cut front end's (`CommandFront::load_cut`): the
+/// rows of the last `frames` windows, then one value per window, 1 where
+/// the window holds the command's stream and 0 where the embedding of
+/// silence stands instead.
+#[derive(Debug, Clone)]
+pub struct TunedFront {
+    pub top: EmbeddingTop,
+    /// The embedding of silence (the plain front end's starting history).
+    pub silence: Vec<f32>,
+}
+
 /// The network's parameters.
 #[derive(Debug, Clone)]
 pub struct Net {
     pub shape: Shape,
-    /// Per-dimension mean of the training features.
+    /// Per-dimension mean of the training embeddings.
     pub mean: Vec<f32>,
-    /// Per-dimension 1 / standard deviation of the training features.
+    /// Per-dimension 1 / standard deviation of the training embeddings.
     pub inv_std: Vec<f32>,
     pub convs: Vec<Conv>,
     pub heads: Vec<Head>,
+    /// The embedding's top, when it is trained too (`None`: the features
+    /// are the embeddings themselves).
+    pub front: Option<TunedFront>,
 }
 
 /// One training example: features [frames * dim] and, per head, the target
@@ -84,6 +100,10 @@ pub struct Example {
 /// Activations kept for the backward pass.
 struct Trace {
     batch: usize,
+    /// With a tuned front: per example, its real windows and the top's trace.
+    tops: Vec<(usize, Option<TopTrace>)>,
+    /// Per example, the span masked in training (start, length).
+    spans: Vec<(usize, usize)>,
     /// Each conv layer's input as an im2col matrix, [B*T, KERNEL*c_in].
     cols: Vec<Vec<f32>>,
     /// Pre-activation of each conv layer.
@@ -105,6 +125,7 @@ struct Trace {
 pub struct Grads {
     convs: Vec<(Vec<f32>, Vec<f32>)>,
     heads: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+    top: Option<TopGrads>,
 }
 
 /// C[m,n] (+)= A[m,k] · B[k,n], with either operand read transposed.
@@ -206,17 +227,79 @@ impl Net {
             shape,
             convs,
             heads,
+            front: None,
         }
     }
 
-    /// Sets the input normalization from the training features.
+    /// The network with the embedding's `top` trained along: its features
+    /// become the cut front end's (see [`TunedFront`]). `silence` is the
+    /// embedding of silence ([`Shape::dim`] values).
+    pub fn with_front(mut self, top: EmbeddingTop, silence: Vec<f32>) -> Net {
+        assert_eq!(
+            silence.len(),
+            self.shape.dim,
+            "the silence is one embedding"
+        );
+        self.front = Some(TunedFront { top, silence });
+        self
+    }
+
+    /// Values in one input: [`Shape::frames`] × [`Shape::dim`], or with a
+    /// tuned front the rows of as many windows and one value per window.
+    pub fn features(&self) -> usize {
+        let t = self.shape.frames;
+        match self.front {
+            None => t * self.shape.dim,
+            Some(_) => embedding_top::rows_for(t) * embedding_top::ROW + t,
+        }
+    }
+
+    /// The embeddings [frames * dim] of one input (itself without a tuned
+    /// front), with the top's trace and how many windows are real.
+    fn embeddings(&self, features: &[f32]) -> (Vec<f32>, usize, Option<TopTrace>) {
+        let t = self.shape.frames;
+        assert_eq!(
+            features.len(),
+            self.features(),
+            "features of the wrong size"
+        );
+        let Some(front) = &self.front else {
+            return (features.to_vec(), t, None);
+        };
+        let (rows, mask) = features.split_at(features.len() - t);
+        // The real windows are the newest; the mask is ones from there on.
+        let real = mask.iter().rev().take_while(|&&m| m > 0.5).count();
+        let mut e = Vec::with_capacity(t * self.shape.dim);
+        for _ in real..t {
+            e.extend_from_slice(&front.silence);
+        }
+        if real == 0 {
+            return (e, 0, None);
+        }
+        let from = rows.len() - embedding_top::rows_for(real) * embedding_top::ROW;
+        match front.top.forward(&rows[from..]) {
+            Ok(trace) => {
+                e.extend_from_slice(&trace.embeddings);
+                (e, real, Some(trace))
+            }
+            // Unreachable for features of the right size: rows_for(real)
+            // rows are always a valid input.
+            Err(_) => {
+                e.resize(t * self.shape.dim, 0.0);
+                (e, 0, None)
+            }
+        }
+    }
+
+    /// Sets the input normalization from the training features' embeddings.
     pub fn fit_normalization(&mut self, examples: &[Example]) {
         let d = self.shape.dim;
         let mut sum = vec![0.0f64; d];
         let mut sq = vec![0.0f64; d];
         let mut n = 0usize;
         for e in examples {
-            for row in e.features.chunks_exact(d) {
+            let (embeddings, _, _) = self.embeddings(&e.features);
+            for row in embeddings.chunks_exact(d) {
                 for (i, &x) in row.iter().enumerate() {
                     sum[i] += f64::from(x);
                     sq[i] += f64::from(x) * f64::from(x);
@@ -233,7 +316,7 @@ impl Net {
         }
     }
 
-    /// Number of parameters.
+    /// Number of parameters (the tuned front's included).
     pub fn parameters(&self) -> usize {
         self.convs
             .iter()
@@ -244,6 +327,7 @@ impl Net {
                 .iter()
                 .map(|h| h.q.len() + h.w.len() + h.b.len())
                 .sum::<usize>()
+            + self.front.as_ref().map_or(0, |f| f.top.parameters())
     }
 
     /// Class probabilities of every head for one input of [frames * dim].
@@ -285,9 +369,14 @@ impl Net {
         let b = batch.len();
         let rows = b * t;
         let mut x = Vec::with_capacity(rows * d);
+        let mut tops = Vec::new();
+        let mut spans = Vec::with_capacity(b);
         for f in batch {
-            assert_eq!(f.len(), t * d, "features must be frames × dim");
-            for row in f.chunks_exact(d) {
+            let (embeddings, real, top) = self.embeddings(f);
+            if self.front.is_some() {
+                tops.push((real, top));
+            }
+            for row in embeddings.chunks_exact(d) {
                 x.extend(
                     row.iter()
                         .zip(&self.mean)
@@ -295,14 +384,18 @@ impl Net {
                         .map(|((v, m), s)| (v - m) * s),
                 );
             }
+            let mut span = (0, 0);
             if let Some((rng, _)) = noise.as_mut()
                 && rng.below(2) == 1
             {
                 let len = 1 + rng.below(6);
                 let start = rng.below(t.saturating_sub(len).max(1));
                 let base = x.len() - t * d;
-                x[base + start * d..base + (start + len).min(t) * d].fill(0.0);
+                let end = (start + len).min(t);
+                x[base + start * d..base + end * d].fill(0.0);
+                span = (start, end - start);
             }
+            spans.push(span);
         }
         let mut masks = Vec::new();
         let mut cols = Vec::new();
@@ -404,6 +497,8 @@ impl Net {
         }
         Trace {
             batch: b,
+            tops,
+            spans,
             masks,
             cols,
             pre,
@@ -540,7 +635,7 @@ impl Net {
                     *g += d;
                 }
             }
-            if li == 0 {
+            if li == 0 && self.front.is_none() {
                 break;
             }
             let mut dcol = vec![0.0; rows * KERNEL * conv.c_in];
@@ -556,6 +651,24 @@ impl Net {
                 false,
             );
             dy = col2im(&dcol, b, t, conv.c_in, conv.dilation);
+        }
+        // With a tuned front, dy is now the gradient of the normalized
+        // embeddings: back through the normalization, the masked span and
+        // the silence (neither depends on the top), into the top.
+        if let (Some(front), Some(top_grads)) = (&self.front, grads.top.as_mut()) {
+            let d = self.shape.dim;
+            for (bi, (real, top_trace)) in trace.tops.iter().enumerate() {
+                let Some(top_trace) = top_trace else { continue };
+                let seq = &mut dy[bi * t * d..(bi + 1) * t * d];
+                let (start, len) = trace.spans[bi];
+                seq[start * d..(start + len) * d].fill(0.0);
+                for row in seq.chunks_exact_mut(d) {
+                    row.iter_mut().zip(&self.inv_std).for_each(|(g, s)| *g *= s);
+                }
+                front
+                    .top
+                    .backward(top_trace, &seq[(t - real) * d..], top_grads);
+            }
         }
         (loss, grads)
     }
@@ -590,6 +703,7 @@ impl Net {
                     )
                 })
                 .collect(),
+            top: self.front.as_ref().map(|f| f.top.zero_grads()),
         }
     }
 
@@ -605,7 +719,19 @@ impl Net {
             out.push(&mut h.w);
             out.push(&mut h.b);
         }
+        if let Some(front) = &mut self.front {
+            for c in &mut front.top.convs {
+                out.push(&mut c.w);
+                out.push(&mut c.b);
+            }
+        }
         out
+    }
+
+    /// How many of [`Net::params_mut`]'s entries are the network's own
+    /// (the tuned front's follow).
+    fn own_params(&self) -> usize {
+        2 * self.convs.len() + 3 * self.heads.len()
     }
 }
 
@@ -621,6 +747,12 @@ impl Grads {
             out.push(w);
             out.push(b);
         }
+        if let Some(top) = self.top {
+            for (w, b) in top.convs {
+                out.push(w);
+                out.push(b);
+            }
+        }
         out
     }
 
@@ -635,6 +767,12 @@ impl Grads {
             w.iter_mut().zip(ow).for_each(|(x, y)| *x += y);
             b.iter_mut().zip(ob).for_each(|(x, y)| *x += y);
         }
+        if let (Some(top), Some(other)) = (&mut self.top, &other.top) {
+            for ((w, b), (ow, ob)) in top.convs.iter_mut().zip(&other.convs) {
+                w.iter_mut().zip(ow).for_each(|(x, y)| *x += y);
+                b.iter_mut().zip(ob).for_each(|(x, y)| *x += y);
+            }
+        }
     }
 
     fn scale(&mut self, s: f32) {
@@ -646,6 +784,11 @@ impl Grads {
                 .chain(w.iter_mut())
                 .chain(b.iter_mut())
                 .for_each(|x| *x *= s);
+        }
+        if let Some(top) = &mut self.top {
+            for (w, b) in &mut top.convs {
+                w.iter_mut().chain(b.iter_mut()).for_each(|x| *x *= s);
+            }
         }
     }
 
@@ -705,6 +848,9 @@ pub struct TrainOptions {
     /// Share of convolution outputs zeroed in training.
     pub dropout: f32,
     pub seed: u64,
+    /// Peak learning rate of a tuned front's layers (Adam, no weight
+    /// decay: they start trained and should stay near their weights).
+    pub front_learning_rate: f32,
 }
 
 impl Default for TrainOptions {
@@ -717,6 +863,7 @@ impl Default for TrainOptions {
             threads: 2,
             dropout: 0.2,
             seed: 1,
+            front_learning_rate: 3e-4,
         }
     }
 }
@@ -776,8 +923,14 @@ impl Net {
                 let (loss, grads) = self.parallel_grads_with(&examples, opts.threads, noise);
                 loss_sum += loss * examples.len() as f32;
                 let progress = adam.step as f32 / total as f32;
-                let lr = opts.learning_rate * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
-                self.adam_step(&mut adam, grads, lr, opts.weight_decay);
+                let decay = 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
+                self.adam_step(
+                    &mut adam,
+                    grads,
+                    opts.learning_rate * decay,
+                    opts.weight_decay,
+                    opts.front_learning_rate * decay,
+                );
             }
             let accuracy = self.parallel_accuracy(validation, opts.threads);
             on_epoch(EpochReport {
@@ -841,8 +994,16 @@ impl Net {
         (loss, total.unwrap_or_else(|| self.zero_grads()))
     }
 
-    fn adam_step(&mut self, adam: &mut Adam, grads: Grads, lr: f32, weight_decay: f32) {
+    fn adam_step(
+        &mut self,
+        adam: &mut Adam,
+        grads: Grads,
+        lr: f32,
+        weight_decay: f32,
+        front_lr: f32,
+    ) {
         let grads = grads.into_vecs();
+        let own = self.own_params();
         // Clip the global norm at 5: a rare huge batch gradient cannot undo training.
         let norm = grads
             .iter()
@@ -856,6 +1017,11 @@ impl Net {
         let c1 = 1.0 - b1.powi(adam.step);
         let c2 = 1.0 - b2.powi(adam.step);
         for (pi, p) in self.params_mut().into_iter().enumerate() {
+            let (lr, weight_decay) = if pi < own {
+                (lr, weight_decay)
+            } else {
+                (front_lr, 0.0)
+            };
             let g = &grads[pi];
             let m = &mut adam.m[pi];
             let v = &mut adam.v[pi];

@@ -5,6 +5,11 @@
 //! standard operators: Sub/Mul (normalization), Transpose, Conv with
 //! dilations, Relu, MatMul, Softmax, Gather, Add. An ensemble holds each
 //! member's graph side by side, and `Mean` averages their probabilities.
+//!
+//! A network with a tuned front (`Net::front`) reads `rows` [1, R, 192]
+//! and `windows` [1, T] instead (the cut front end's features) and starts
+//! with its own copy of the embedding's top: Conv (1×3 and 3×1), LeakyRelu,
+//! Max, MaxPool, then the embedding of silence wherever `windows` is 0.
 
 use prost::Message;
 use tract_onnx::pb::{
@@ -13,10 +18,14 @@ use tract_onnx::pb::{
     tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
+use super::embedding_top::{self, Axis};
 use super::net::{KERNEL, Net};
 
 /// Name of the input.
 pub const INPUT: &str = "embeddings";
+/// Names of the inputs of a model with a tuned front.
+pub const ROWS_INPUT: &str = "rows";
+pub const WINDOWS_INPUT: &str = "windows";
 
 fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
     TensorProto {
@@ -43,6 +52,15 @@ fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
         name: name.to_string(),
         r#type: AttributeType::Ints as i32,
         ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Float as i32,
+        f: v,
         ..Default::default()
     }
 }
@@ -137,7 +155,17 @@ pub fn to_onnx_ensemble(nets: &[Net], doc: &str) -> Vec<u8> {
             name: "intent".to_string(),
             node: nodes,
             initializer: init,
-            input: vec![value_info(INPUT, &[1, t, d])],
+            input: if first.front.is_some() {
+                vec![
+                    value_info(
+                        ROWS_INPUT,
+                        &[1, embedding_top::rows_for(t), embedding_top::ROW],
+                    ),
+                    value_info(WINDOWS_INPUT, &[1, t]),
+                ]
+            } else {
+                vec![value_info(INPUT, &[1, t, d])]
+            },
             output: outputs,
             ..Default::default()
         }),
@@ -156,9 +184,18 @@ fn member(
 ) -> Vec<String> {
     let c = net.shape.channels;
     let n = |name: &str| format!("{prefix}{name}");
+    let embeddings = match net.front {
+        Some(_) => tuned_front(net, prefix, nodes, init),
+        None => INPUT.to_string(),
+    };
     init.push(tensor_f32(&n("mean"), &[net.shape.dim], &net.mean));
     init.push(tensor_f32(&n("inv_std"), &[net.shape.dim], &net.inv_std));
-    nodes.push(node("Sub", &[INPUT, &n("mean")], &n("centered"), vec![]));
+    nodes.push(node(
+        "Sub",
+        &[&embeddings, &n("mean")],
+        &n("centered"),
+        vec![],
+    ));
     nodes.push(node(
         "Mul",
         &[&n("centered"), &n("inv_std")],
@@ -265,4 +302,161 @@ fn member(
         outputs.push(out);
     }
     outputs
+}
+
+/// Adds a network's tuned front (the embedding's top over `rows`, silence
+/// where `windows` is 0); returns the name of its embeddings [1, T, 96].
+fn tuned_front(
+    net: &Net,
+    prefix: &str,
+    nodes: &mut Vec<NodeProto>,
+    init: &mut Vec<TensorProto>,
+) -> String {
+    let n = |name: &str| format!("{prefix}{name}");
+    let Some(front) = &net.front else {
+        return INPUT.to_string();
+    };
+    let t = net.shape.frames;
+    let rows = embedding_top::rows_for(t);
+    let ch = embedding_top::CHANNELS;
+    let bands = embedding_top::BANDS;
+    // [1, R, bands * 96] → [1, R, bands, 96] → NCHW [1, 96, R, bands].
+    init.push(tensor_i64(
+        &n("top.rows_shape"),
+        &[4],
+        &[1, rows as i64, bands as i64, ch as i64],
+    ));
+    nodes.push(node(
+        "Reshape",
+        &[ROWS_INPUT, &n("top.rows_shape")],
+        &n("top.rows4"),
+        vec![],
+    ));
+    nodes.push(node(
+        "Transpose",
+        &[&n("top.rows4")],
+        &n("top.x"),
+        vec![attr_ints("perm", &[0, 3, 1, 2])],
+    ));
+    init.push(tensor_f32(&n("top.floor"), &[1], &[front.top.floor]));
+    let mut x = n("top.x");
+    for (li, conv) in front.top.convs.iter().enumerate() {
+        if li == 4 {
+            let pooled = n("top.pool");
+            nodes.push(node(
+                "MaxPool",
+                &[&x],
+                &pooled,
+                vec![
+                    attr_ints("kernel_shape", &[2, 2]),
+                    attr_ints("strides", &[2, 2]),
+                ],
+            ));
+            x = pooled;
+        }
+        // Our layout [KERNEL * 96, 96] (row j * 96 + i) → ONNX [o, i, kh, kw].
+        let mut w = vec![0.0; ch * ch * KERNEL];
+        for o in 0..ch {
+            for i in 0..ch {
+                for j in 0..KERNEL {
+                    w[(o * ch + i) * KERNEL + j] = conv.w[(j * ch + i) * ch + o];
+                }
+            }
+        }
+        let (kernel, pads): ([i64; 2], [i64; 4]) = match conv.axis {
+            Axis::Bands => ([1, KERNEL as i64], [0, 1, 0, 1]),
+            Axis::Time => ([KERNEL as i64, 1], [0, 0, 0, 0]),
+        };
+        let wn = n(&format!("top.conv{li}.w"));
+        init.push(tensor_f32(
+            &wn,
+            &[ch, ch, kernel[0] as usize, kernel[1] as usize],
+            &w,
+        ));
+        let mut inputs = vec![x.clone(), wn];
+        if !conv.b.is_empty() {
+            let bn = n(&format!("top.conv{li}.b"));
+            init.push(tensor_f32(&bn, &[ch], &conv.b));
+            inputs.push(bn);
+        }
+        let z = n(&format!("top.conv{li}"));
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        nodes.push(node(
+            "Conv",
+            &refs,
+            &z,
+            vec![
+                attr_ints("kernel_shape", &kernel),
+                attr_ints("pads", &pads),
+                attr_ints("strides", &[1, 1]),
+            ],
+        ));
+        x = z;
+        if li < 4 {
+            let leaky = n(&format!("top.leaky{li}"));
+            nodes.push(node(
+                "LeakyRelu",
+                &[&x],
+                &leaky,
+                vec![attr_float("alpha", 0.2)],
+            ));
+            let act = n(&format!("top.act{li}"));
+            nodes.push(node("Max", &[&leaky, &n("top.floor")], &act, vec![]));
+            x = act;
+        }
+    }
+    // [1, 96, T, 1] → [1, 96, T] → [1, T, 96].
+    init.push(tensor_i64(
+        &n("top.e_shape"),
+        &[3],
+        &[1, ch as i64, t as i64],
+    ));
+    nodes.push(node(
+        "Reshape",
+        &[&x, &n("top.e_shape")],
+        &n("top.e3"),
+        vec![],
+    ));
+    nodes.push(node(
+        "Transpose",
+        &[&n("top.e3")],
+        &n("top.e"),
+        vec![attr_ints("perm", &[0, 2, 1])],
+    ));
+    // e · m + silence · (1 − m), m = windows as [1, T, 1].
+    init.push(tensor_i64(&n("top.m_shape"), &[3], &[1, t as i64, 1]));
+    nodes.push(node(
+        "Reshape",
+        &[WINDOWS_INPUT, &n("top.m_shape")],
+        &n("top.m"),
+        vec![],
+    ));
+    init.push(tensor_f32(&n("top.one"), &[1], &[1.0]));
+    init.push(tensor_f32(&n("top.silence"), &[ch], &front.silence));
+    nodes.push(node(
+        "Sub",
+        &[&n("top.one"), &n("top.m")],
+        &n("top.not_m"),
+        vec![],
+    ));
+    nodes.push(node(
+        "Mul",
+        &[&n("top.e"), &n("top.m")],
+        &n("top.real"),
+        vec![],
+    ));
+    nodes.push(node(
+        "Mul",
+        &[&n("top.silence"), &n("top.not_m")],
+        &n("top.quiet"),
+        vec![],
+    ));
+    let out = n("top.embeddings");
+    nodes.push(node(
+        "Add",
+        &[&n("top.real"), &n("top.quiet")],
+        &out,
+        vec![],
+    ));
+    out
 }
