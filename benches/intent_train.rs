@@ -13,7 +13,7 @@
 //! `cargo bench -p kith-benches --bench intent_train` (no models needed).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kith_models::intent::embedding_top::{Axis, CHANNELS, EmbeddingTop, ROW, TopConv, rows_for};
+use kith_models::intent::embedding_top::{CHANNELS, EmbeddingTop, ROW, rows_for};
 use kith_models::intent::grammar::Rng;
 use kith_models::intent::net::{DILATIONS, Example, Net, Shape, TrainOptions};
 
@@ -77,30 +77,8 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// A top with random weights at the real sizes.
-fn random_top(seed: u64) -> EmbeddingTop {
-    let mut rng = Rng::new(seed);
-    let axes = [Axis::Bands, Axis::Time, Axis::Bands, Axis::Time, Axis::Time];
-    let convs = axes
-        .iter()
-        .enumerate()
-        .map(|(i, &axis)| TopConv {
-            axis,
-            w: (0..3 * CHANNELS * CHANNELS)
-                .map(|_| rng.normal() * 0.08)
-                .collect(),
-            b: if i < 4 {
-                vec![0.01; CHANNELS]
-            } else {
-                Vec::new()
-            },
-        })
-        .collect();
-    EmbeddingTop { convs, floor: -0.4 }
-}
-
 fn bench_top(c: &mut Criterion) {
-    let top = random_top(3);
+    let top = EmbeddingTop::random(3);
     let mut rng = Rng::new(4);
     let mut group = c.benchmark_group("embedding_top");
     group.sample_size(20);

@@ -269,17 +269,7 @@ fn members_train_an_ensemble_that_infer_runs_as_one_model() {
     let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).expect("card");
     assert!(card.contains("an ensemble of 2 such networks"), "{card}");
     // The ensemble is one ONNX file: infer loads and answers it as any model.
-    let wavs = tempfile::tempdir().expect("tempdir");
-    say(
-        &wavs.path().join("a.wav"),
-        "en-029+f4",
-        150,
-        "turn on the kitchen light",
-    );
-    let o = infer_json(&out, wavs.path());
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let line: Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
-    assert!(line["understood"].is_boolean(), "{line}");
+    answer_of(&out, "turn on the kitchen light");
     let context = dir.path().join("lights.yaml");
     let o = kith(&[
         "intent",
@@ -330,17 +320,19 @@ fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
         card.contains("(conv2d_15–19) trained with the network"),
         "{card}"
     );
+    answer_of(&out, "turn off the bedroom light");
+}
+
+/// `kith intent infer --json` on `sentence` said by a held-out voice: its
+/// one JSON line, checked to say whether it understood.
+fn answer_of(model: &Path, sentence: &str) -> Value {
     let wavs = tempfile::tempdir().expect("tempdir");
-    say(
-        &wavs.path().join("a.wav"),
-        "en-029+f4",
-        150,
-        "turn off the bedroom light",
-    );
-    let o = infer_json(&out, wavs.path());
+    say(&wavs.path().join("a.wav"), "en-029+f4", 150, sentence);
+    let o = infer_json(model, wavs.path());
     assert!(o.status.success(), "{}", text(&o.stderr));
     let line: Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
     assert!(line["understood"].is_boolean(), "{line}");
+    line
 }
 
 #[test]

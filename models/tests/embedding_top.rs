@@ -6,63 +6,18 @@
 //! The parity tests need the models installed (the README's test command
 //! does it) in `$KITH_MODELS_DIR`.
 
-use std::path::PathBuf;
+mod support;
 
 use kith_models::CHUNK_SAMPLES;
-use kith_models::intent::embedding_top::{Axis, CHANNELS, EmbeddingTop, ROW, TopConv, rows_for};
+use kith_models::intent::embedding_top::{CHANNELS, EmbeddingTop, ROW, rows_for};
 use kith_models::intent::grammar::Rng;
 use kith_models::intent::net::{DILATIONS, Example, Net, Shape};
+use support::{models_dir, numeric_gradient, utterance};
+
 use kith_models::intent::{
     CUT_FEATURES, CommandFront, FEATURES, FRAMES, Front, IntentModel, LABELS_FORMAT, Labels,
     SlotLabels, onnx,
 };
-
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("KITH_MODELS_DIR")
-        .map(PathBuf::from)
-        .expect("KITH_MODELS_DIR is not set: run the README's test command, or `kith models fetch --all` and export KITH_MODELS_DIR");
-    assert!(
-        dir.join("embedding_model.onnx").exists(),
-        "no models in {}: run `kith models fetch --all --models-dir {}`",
-        dir.display(),
-        dir.display()
-    );
-    dir
-}
-
-/// The fixture utterance: 1 s of (dithered) silence, "hey jarvis, what's the
-/// weather", 1 s of silence; 16 kHz mono.
-fn utterance() -> Vec<i16> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/utterance.wav");
-    hound::WavReader::open(path)
-        .expect("wav")
-        .samples::<i16>()
-        .map(|s| s.expect("sample"))
-        .collect()
-}
-
-/// A top with random weights at the real sizes (He-normal, small biases).
-fn random_top(seed: u64) -> EmbeddingTop {
-    let mut rng = Rng::new(seed);
-    let scale = (2.0 / (3.0 * CHANNELS as f32)).sqrt();
-    let axes = [Axis::Bands, Axis::Time, Axis::Bands, Axis::Time, Axis::Time];
-    let convs = axes
-        .iter()
-        .enumerate()
-        .map(|(i, &axis)| TopConv {
-            axis,
-            w: (0..3 * CHANNELS * CHANNELS)
-                .map(|_| rng.normal() * scale)
-                .collect(),
-            b: if i < 4 {
-                (0..CHANNELS).map(|_| rng.normal() * 0.1).collect()
-            } else {
-                Vec::new()
-            },
-        })
-        .collect();
-    EmbeddingTop { convs, floor: -0.4 }
-}
 
 /// Σ embeddings ⊙ g: a loss whose gradient with respect to the embeddings is g.
 fn weighted_sum(top: &EmbeddingTop, rows: &[f32], g: &[f32]) -> f64 {
@@ -72,7 +27,7 @@ fn weighted_sum(top: &EmbeddingTop, rows: &[f32], g: &[f32]) -> f64 {
 
 #[test]
 fn gradients_of_the_top_match_finite_differences() {
-    let top = random_top(5);
+    let top = EmbeddingTop::random(5);
     let mut rng = Rng::new(6);
     let n = 3;
     let rows: Vec<f32> = (0..rows_for(n) * ROW).map(|_| rng.normal()).collect();
@@ -117,7 +72,7 @@ fn gradients_of_the_top_match_finite_differences() {
 
 #[test]
 fn the_top_refuses_rows_it_cannot_use() {
-    let top = random_top(1);
+    let top = EmbeddingTop::random(1);
     for values in [0, ROW * 9, ROW * 11, ROW * 12 + 1] {
         let err = top.embed(&vec![0.0; values]).expect_err("bad length");
         assert!(err.to_string().contains("rows of"), "{err}");
@@ -232,7 +187,7 @@ fn tuned_tiny() -> (Net, Vec<Example>) {
     };
     let mut rng = Rng::new(21);
     let silence: Vec<f32> = (0..CHANNELS).map(|_| rng.normal()).collect();
-    let mut net = Net::new(shape, 4).with_front(random_top(8), silence);
+    let mut net = Net::new(shape, 4).with_front(EmbeddingTop::random(8), silence);
     for h in &mut net.heads {
         h.q.iter_mut().for_each(|q| *q = rng.normal() * 0.5);
     }
@@ -270,12 +225,7 @@ fn gradients_through_the_network_into_a_tuned_top_match_finite_differences() {
         .step_by(7)
         .chain((own..analytic.len()).step_by(331));
     for i in indices {
-        let mut plus = net.clone();
-        plus.nudge(i, eps);
-        let mut minus = net.clone();
-        minus.nudge(i, -eps);
-        let numeric =
-            (plus.loss_and_grads(&batch).0 - minus.loss_and_grads(&batch).0) / (2.0 * eps);
+        let numeric = numeric_gradient(&net, &batch, i, eps);
         let a = analytic[i];
         if (a - numeric).abs() > 2e-3 + 0.05 * numeric.abs() {
             bad.push((i, a, numeric));
@@ -336,7 +286,7 @@ fn a_network_with_a_tuned_top_on_tract_gives_its_own_probabilities() {
     };
     let mut rng = Rng::new(31);
     let silence: Vec<f32> = (0..CHANNELS).map(|_| rng.normal()).collect();
-    let mut net = Net::new(shape, 3).with_front(random_top(12), silence);
+    let mut net = Net::new(shape, 3).with_front(EmbeddingTop::random(12), silence);
     for h in &mut net.heads {
         h.q.iter_mut().for_each(|q| *q = rng.normal() * 0.3);
         h.b.iter_mut().for_each(|b| *b = rng.normal() * 0.3);

@@ -2,6 +2,8 @@
 //! `tests/fixtures/grammars`), balanced sampling, the network's gradients
 //! and training, the ONNX export on tract, and the command front end.
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -11,6 +13,7 @@ use kith_models::intent::{
     CommandFront, FEATURES, FRAMES, IntentModel, LABELS_FORMAT, Labels, SlotLabels, onnx,
 };
 use kith_models::wake::EMBEDDING_DIM;
+use support::{models_dir, numeric_gradient};
 
 fn grammar_dir(kind: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -286,12 +289,7 @@ fn gradients_match_finite_differences() {
     let mut checked = 0;
     let mut bad = Vec::new();
     for i in (0..analytic.len()).step_by(3) {
-        let mut plus = net.clone();
-        plus.nudge(i, eps);
-        let mut minus = net.clone();
-        minus.nudge(i, -eps);
-        let numeric =
-            (plus.loss_and_grads(&batch).0 - minus.loss_and_grads(&batch).0) / (2.0 * eps);
+        let numeric = numeric_gradient(&net, &batch, i, eps);
         let a = analytic[i];
         if (a - numeric).abs() > 2e-3 + 0.05 * numeric.abs() {
             bad.push((i, a, numeric));
@@ -582,18 +580,6 @@ fn a_model_directory_with_broken_labels_is_refused_with_the_file_named() {
         .expect("refused")
         .to_string();
     assert!(err.contains("labels.json"), "{err}");
-}
-
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("KITH_MODELS_DIR")
-        .map(PathBuf::from)
-        .expect("KITH_MODELS_DIR is not set: run the README's test command");
-    assert!(
-        dir.join("embedding_model.onnx").exists(),
-        "no models in {}",
-        dir.display()
-    );
-    dir
 }
 
 #[test]

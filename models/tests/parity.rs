@@ -5,25 +5,15 @@
 //! Needs the models installed (`kith models fetch --all`; the test command
 //! does it) in `$KITH_MODELS_DIR`.
 
+mod support;
+
 use std::path::PathBuf;
 
 use kith_models::{
     CHUNK_SAMPLES, EmbeddingMode, OnnxPlan, SpeechFrontEnd, Vad, WakeHead, WakeWordPipeline,
 };
 use serde_json::Value;
-
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("KITH_MODELS_DIR")
-        .map(PathBuf::from)
-        .expect("KITH_MODELS_DIR is not set: run the README's test command, or `kith models fetch --all` and export KITH_MODELS_DIR");
-    assert!(
-        dir.join("embedding_model.onnx").exists(),
-        "no models in {}: run `kith models fetch --all --models-dir {}`",
-        dir.display(),
-        dir.display()
-    );
-    dir
-}
+use support::{models_dir, utterance};
 
 fn model(name: &str) -> PathBuf {
     models_dir().join(format!("{name}.onnx"))
@@ -32,17 +22,6 @@ fn model(name: &str) -> PathBuf {
 fn fixture() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parity.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture json")
-}
-
-/// The fixture utterance: 1 s of (dithered) silence, "hey jarvis, what's the
-/// weather", 1 s of silence; 16 kHz mono.
-fn utterance() -> Vec<i16> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/utterance.wav");
-    hound::WavReader::open(path)
-        .expect("wav")
-        .samples::<i16>()
-        .map(|s| s.expect("sample"))
-        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {

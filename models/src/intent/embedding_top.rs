@@ -238,6 +238,31 @@ impl EmbeddingTop {
         })
     }
 
+    /// A top of random weights at the real sizes (He-normal kernels, small
+    /// biases): benchmarks and tests of the arithmetic, not a start for
+    /// training, which starts from the pretrained weights.
+    pub fn random(seed: u64) -> Self {
+        let mut rng = crate::intent::grammar::Rng::new(seed);
+        let scale = (2.0 / (KERNEL * CHANNELS) as f32).sqrt();
+        let axes = [Axis::Bands, Axis::Time, Axis::Bands, Axis::Time, Axis::Time];
+        let convs = axes
+            .iter()
+            .enumerate()
+            .map(|(i, &axis)| TopConv {
+                axis,
+                w: (0..KERNEL * CHANNELS * CHANNELS)
+                    .map(|_| rng.normal() * scale)
+                    .collect(),
+                b: if i < 4 {
+                    (0..CHANNELS).map(|_| rng.normal() * 0.1).collect()
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect();
+        EmbeddingTop { convs, floor: -0.4 }
+    }
+
     /// Number of parameters.
     pub fn parameters(&self) -> usize {
         self.convs.iter().map(|c| c.w.len() + c.b.len()).sum()
