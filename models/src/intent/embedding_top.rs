@@ -53,7 +53,7 @@ const SLOPE: f32 = 0.2;
 pub const CUT_LAYER: &str = "conv2d_15";
 
 /// Rows needed for `embeddings` consecutive embeddings.
-pub fn rows_for(embeddings: usize) -> usize {
+pub const fn rows_for(embeddings: usize) -> usize {
     ROWS_PER_STEP * embeddings + EXTRA_ROWS
 }
 

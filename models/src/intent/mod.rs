@@ -176,7 +176,10 @@ pub struct CommandFront {
 }
 
 /// Rows of the cut embedding model that the [`FRAMES`] windows span.
-pub const CUT_ROWS: usize = FRAMES * embedding_top::ROWS_PER_STEP + embedding_top::EXTRA_ROWS;
+pub const CUT_ROWS: usize = embedding_top::rows_for(FRAMES);
+/// Rows the cut stream runs ahead of the embeddings: the newest row belongs
+/// to a window whose embedding has not come out yet.
+const LEAD_ROWS: usize = 1;
 /// Values in one cut input: the rows, then one per window (1: the window
 /// holds the command's stream; 0: the embedding of silence stands there).
 pub const CUT_FEATURES: usize = CUT_ROWS * embedding_top::ROW + FRAMES;
@@ -212,9 +215,7 @@ impl CommandFront {
     /// from which [`embedding_top::EmbeddingTop`] makes those windows'
     /// embeddings, then which windows are real ([`CUT_FEATURES`] values).
     pub fn load_cut(mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
-        // The cut stream runs one row ahead of the embeddings: the newest
-        // row belongs to a window whose embedding has not come out yet.
-        let keep = CUT_ROWS + 1;
+        let keep = CUT_ROWS + LEAD_ROWS;
         let front = SpeechFrontEnd::load_cut(mel, embedding, keep, embedding_top::CUT_LAYER)?;
         if front.width() != embedding_top::ROW {
             return Err(ModelError::Shape {
@@ -242,21 +243,26 @@ impl CommandFront {
     pub fn real_windows(&self) -> usize {
         let emitted = self.front.emitted() as usize;
         let windows = if self.rows.is_some() {
-            // The newest row is one ahead of the newest window's last row.
-            emitted.saturating_sub(embedding_top::EXTRA_ROWS + 1) / embedding_top::ROWS_PER_STEP
+            emitted.saturating_sub(embedding_top::EXTRA_ROWS + LEAD_ROWS)
+                / embedding_top::ROWS_PER_STEP
         } else {
             emitted
         };
         windows.min(FRAMES)
     }
 
+    /// The features `finish` writes.
+    pub fn front(&self) -> Front {
+        if self.rows.is_some() {
+            Front::Cut
+        } else {
+            Front::Embeddings
+        }
+    }
+
     /// Values `finish` writes: [`FEATURES`], or [`CUT_FEATURES`] when cut.
     pub fn features(&self) -> usize {
-        if self.rows.is_some() {
-            CUT_FEATURES
-        } else {
-            FEATURES
-        }
+        self.front().features()
     }
 
     /// Starts a command: the history is silence again.
@@ -311,7 +317,7 @@ impl CommandFront {
                         out.len()
                     )));
                 }
-                self.front.copy_history(CUT_ROWS + 1, rows)?;
+                self.front.copy_history(CUT_ROWS + LEAD_ROWS, rows)?;
                 let (out_rows, mask) = out.split_at_mut(CUT_ROWS * embedding_top::ROW);
                 out_rows.copy_from_slice(&rows[..CUT_ROWS * embedding_top::ROW]);
                 let real = self.real_windows();

@@ -277,18 +277,12 @@ impl Net {
             return (e, 0, None);
         }
         let from = rows.len() - embedding_top::rows_for(real) * embedding_top::ROW;
-        match front.top.forward(&rows[from..]) {
-            Ok(trace) => {
-                e.extend_from_slice(&trace.embeddings);
-                (e, real, Some(trace))
-            }
-            // Unreachable for features of the right size: rows_for(real)
-            // rows are always a valid input.
-            Err(_) => {
-                e.resize(t * self.shape.dim, 0.0);
-                (e, 0, None)
-            }
-        }
+        let trace = front
+            .top
+            .forward(&rows[from..])
+            .expect("the rows of 1 to `frames` windows are a valid input of the top");
+        e.extend_from_slice(&trace.embeddings);
+        (e, real, Some(trace))
     }
 
     /// Sets the input normalization from the training features' embeddings.
