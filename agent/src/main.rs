@@ -98,6 +98,11 @@ enum IntentCommand {
         /// training time, and the model runs those layers itself
         #[arg(long)]
         tune_front: bool,
+        /// With --tune-front: of the --epochs, how many (the last) train the
+        /// embedding's layers; the ones before train the network alone, at a
+        /// plain network's cost [default: all]
+        #[arg(long, value_name = "N", requires = "tune_front")]
+        front_epochs: Option<usize>,
     },
     /// Understand commands in WAV files (or directories of them)
     Infer {
@@ -441,9 +446,13 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             layers,
             members,
             tune_front,
+            front_epochs,
         } => {
             if utterances == 0 || epochs == 0 || channels == 0 {
                 bail!("--utterances, --epochs and --channels must be at least 1");
+            }
+            if front_epochs.is_some_and(|n| n == 0 || n > epochs) {
+                bail!("--front-epochs must be between 1 and --epochs ({epochs})");
             }
             let front = train::FrontFiles {
                 mel: store.require("melspectrogram")?,
@@ -462,6 +471,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 dilations: (0..layers).map(|l| 1usize << l).collect(),
                 members: members as usize,
                 tune_front,
+                front_epochs,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {

@@ -301,9 +301,17 @@ fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
             "--members",
             "2",
             "--tune-front",
+            "--front-epochs",
+            "2",
         ],
     );
     assert!(err.contains("training network 2/2"), "{err}");
+    let m = metrics(&out);
+    assert_eq!(
+        (m["epochs"].as_u64(), m["front_epochs"].as_u64()),
+        (Some(4), Some(2))
+    );
+    assert_eq!(metrics(small_model())["front_epochs"].as_u64(), Some(0));
     // Each member carries its own copy of conv2d_15–19 (five 96×96×3
     // kernels, four biases) on top of the small model's network.
     let top = 5 * 3 * 96 * 96 + 4 * 96;
@@ -317,10 +325,43 @@ fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
     assert!(!plain.contains("front"), "plain labels stay as they were");
     let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).expect("card");
     assert!(
-        card.contains("(conv2d_15–19) trained with the network"),
+        card.contains("(conv2d_15–19) trained with the network")
+            && card.contains("in the last 2 of 4 epochs"),
         "{card}"
     );
     answer_of(&out, "turn off the bedroom light");
+    // The front's epochs are some of the epochs, and only with --tune-front.
+    let context = dir.path().join("lights.yaml");
+    for (args, says) in [
+        (
+            &["--tune-front", "--front-epochs", "5"][..],
+            "--front-epochs must be between 1 and --epochs (4)",
+        ),
+        (
+            &["--tune-front", "--front-epochs", "0"][..],
+            "--front-epochs must be between 1",
+        ),
+        (&["--front-epochs", "2"][..], "--tune-front"),
+    ] {
+        let mut all = vec![
+            "intent",
+            "train",
+            "--epochs",
+            "4",
+            "--context",
+            p(&context),
+            "--out",
+            p(&out),
+        ];
+        all.extend_from_slice(args);
+        let o = kith(&all);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            text(&o.stderr).contains(says),
+            "{args:?}: {}",
+            text(&o.stderr)
+        );
+    }
 }
 
 /// `kith intent infer --json` on `sentence` said by a held-out voice: its

@@ -11,7 +11,7 @@ mod support;
 use kith_models::CHUNK_SAMPLES;
 use kith_models::intent::embedding_top::{CHANNELS, EmbeddingTop, ROW, rows_for};
 use kith_models::intent::grammar::Rng;
-use kith_models::intent::net::{DILATIONS, Example, Net, Shape};
+use kith_models::intent::net::{DILATIONS, Example, Net, Shape, TrainOptions};
 use support::{models_dir, numeric_gradient, utterance};
 
 use kith_models::intent::{
@@ -239,6 +239,70 @@ fn gradients_through_the_network_into_a_tuned_top_match_finite_differences() {
     assert!(
         checked_top > 300 && moving_top > checked_top / 3,
         "{moving_top} of {checked_top} top gradients move"
+    );
+}
+
+#[test]
+fn frozen_epochs_train_the_network_alone_on_the_tops_embeddings_then_the_top_trains() {
+    let (net, examples) = tuned_tiny();
+    // A plain copy on the embedded examples answers as the tuned network.
+    let embedded = net.embedded(&examples, 2);
+    let mut plain = net.clone();
+    plain.front = None;
+    for (e, p) in examples.iter().zip(&embedded) {
+        let (a, b) = (net.predict(&e.features), plain.predict(&p.features));
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-5, "tuned {x} vs plain {y}");
+        }
+    }
+    let opts = TrainOptions {
+        epochs: 3,
+        front_epochs: Some(1),
+        batch: 2,
+        threads: 1,
+        dropout: 0.0,
+        ..TrainOptions::default()
+    };
+    // No validation: every epoch counts as the best so far, so the last wins.
+    let mut tuned = net.clone();
+    let mut reports = Vec::new();
+    tuned.train(&examples, &[], &opts, |r| {
+        reports.push((r.epoch, r.epochs, r.loss))
+    });
+    let mut alone = Vec::new();
+    let first = TrainOptions {
+        epochs: 2,
+        front_epochs: None,
+        ..opts.clone()
+    };
+    plain.train(&embedded, &[], &first, |r| alone.push(r.loss));
+    let numbers: Vec<(usize, usize)> = reports.iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(numbers, [(1, 3), (2, 3), (3, 3)]);
+    for (r, l) in reports.iter().zip(&alone) {
+        assert!(
+            (r.2 - l).abs() < 1e-5,
+            "epoch {}: loss {} with the top frozen, {l} for the plain network",
+            r.0,
+            r.2
+        );
+    }
+    let before = net.front.as_ref().expect("front").top.clone();
+    let after = &tuned.front.as_ref().expect("front").top;
+    let flat = |t: &EmbeddingTop| -> Vec<f32> {
+        t.convs
+            .iter()
+            .flat_map(|c| c.w.iter().chain(&c.b).copied())
+            .collect()
+    };
+    let moved = flat(&before)
+        .iter()
+        .zip(flat(after))
+        .filter(|(a, b)| **a != *b)
+        .count();
+    assert!(
+        moved > before.parameters() / 2,
+        "the last epoch moved {moved} of the top's {} parameters",
+        before.parameters()
     );
 }
 

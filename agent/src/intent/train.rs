@@ -70,6 +70,9 @@ pub struct TrainOptions {
     /// Train the speech embedding's last five layers with the network
     /// (the model then reads the cut front end's rows: [`Front::Cut`]).
     pub tune_front: bool,
+    /// With `tune_front`: of the epochs, how many (the last) train the
+    /// embedding's layers (`None`: all).
+    pub front_epochs: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -88,6 +91,7 @@ impl Default for TrainOptions {
             seed: 1,
             cache: None,
             tune_front: false,
+            front_epochs: None,
         }
     }
 }
@@ -254,6 +258,11 @@ pub struct Report {
     pub parameters: usize,
     /// Networks whose probabilities the model averages.
     pub members: usize,
+    /// Passes over the training clips, per network.
+    pub epochs: usize,
+    /// Of those, the last ones that trained the speech embedding's layers
+    /// too (0: the model reads the frozen embeddings).
+    pub front_epochs: usize,
     /// With several networks: each one alone, at its own calibrated
     /// threshold, accepted this share of the goal conditions' clips.
     pub member_goal_accepted: Vec<f64>,
@@ -1104,6 +1113,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             epochs: opts.epochs,
             threads: opts.threads,
             seed,
+            front_epochs: opts.front_epochs,
             ..NetOptions::default()
         };
         let mut best = 0.0f32;
@@ -1278,6 +1288,13 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         noise_recordings: train_bank.recorded.len(),
         parameters: nets.iter().map(Net::parameters).sum(),
         members,
+        epochs: opts.epochs,
+        front_epochs: if opts.tune_front {
+            opts.front_epochs
+                .map_or(opts.epochs, |n| n.min(opts.epochs))
+        } else {
+            0
+        },
         member_goal_accepted,
         goal_accepted: goal_accepted as f64 / goal_scores.len().max(1) as f64,
         model_bytes: std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0),
@@ -1718,9 +1735,19 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         FRAMES, r.parameters, r.model_bytes
     ));
     if labels.front == Front::Cut {
-        s.push_str(
-            "- Front end: the speech embedding's last five layers (conv2d_15–19) trained with the network from their pretrained weights (`--tune-front`); the model holds its copy of them and reads the rows before conv2d_15\n",
-        );
+        let when = if r.front_epochs < r.epochs {
+            format!(
+                "in the last {} of {} epochs (the first {} train the network alone on the pretrained layers' embeddings)",
+                r.front_epochs,
+                r.epochs,
+                r.epochs - r.front_epochs
+            )
+        } else {
+            format!("in all {} epochs", r.epochs)
+        };
+        s.push_str(&format!(
+            "- Front end: the speech embedding's last five layers (conv2d_15–19) trained with the network from their pretrained weights, {when} (`--tune-front`); the model holds its copy of them and reads the rows before conv2d_15\n",
+        ));
     }
 
     s.push_str(&format!(

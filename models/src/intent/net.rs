@@ -845,6 +845,12 @@ pub struct TrainOptions {
     /// Peak learning rate of a tuned front's layers (Adam, no weight
     /// decay: they start trained and should stay near their weights).
     pub front_learning_rate: f32,
+    /// With a tuned front: of the `epochs`, how many (the last) train the
+    /// front's layers too (`None`: all). The epochs before run on the
+    /// embeddings the pretrained layers make, computed once, so they cost
+    /// what a plain network's do; the last ones then start from the best
+    /// of them, each part with its own learning-rate schedule.
+    pub front_epochs: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -858,6 +864,7 @@ impl Default for TrainOptions {
             dropout: 0.2,
             seed: 1,
             front_learning_rate: 3e-4,
+            front_epochs: None,
         }
     }
 }
@@ -882,7 +889,9 @@ struct Adam {
 impl Net {
     /// Trains on `train`, reporting after each epoch (with the accuracy on
     /// `validation`); the learning rate follows a cosine decay. Returns the
-    /// network of the epoch with the best validation accuracy.
+    /// network of the epoch with the best validation accuracy. With a tuned
+    /// front and [`TrainOptions::front_epochs`], the epochs before those
+    /// train the network alone on the pretrained layers' embeddings.
     pub fn train(
         &mut self,
         train: &[Example],
@@ -890,6 +899,89 @@ impl Net {
         opts: &TrainOptions,
         mut on_epoch: impl FnMut(EpochReport),
     ) {
+        let front_epochs = opts
+            .front_epochs
+            .map_or(opts.epochs, |n| n.min(opts.epochs));
+        let frozen = opts.epochs - front_epochs;
+        if self.front.is_none() || frozen == 0 {
+            let best =
+                self.train_part(train, validation, opts, 0, opts.epochs, None, &mut on_epoch);
+            *self = best.1;
+            return;
+        }
+        let plain_train = self.embedded(train, opts.threads);
+        let plain_validation = self.embedded(validation, opts.threads);
+        let front = self.front.take();
+        let part = TrainOptions {
+            epochs: frozen,
+            ..opts.clone()
+        };
+        let (accuracy, mut best) = self.train_part(
+            &plain_train,
+            &plain_validation,
+            &part,
+            0,
+            opts.epochs,
+            None,
+            &mut on_epoch,
+        );
+        drop((plain_train, plain_validation));
+        best.front = front;
+        *self = best.clone();
+        let part = TrainOptions {
+            epochs: front_epochs,
+            seed: opts.seed.wrapping_add(0x5eed),
+            ..opts.clone()
+        };
+        let best = self.train_part(
+            train,
+            validation,
+            &part,
+            frozen,
+            opts.epochs,
+            Some((accuracy, best)),
+            &mut on_epoch,
+        );
+        *self = best.1;
+    }
+
+    /// The examples with their features replaced by the embeddings this
+    /// network's front makes of them (what a plain network reads), over
+    /// `threads` threads.
+    pub fn embedded(&self, examples: &[Example], threads: usize) -> Vec<Example> {
+        let per = examples.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = examples
+                .chunks(per)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|e| Example {
+                                features: self.embeddings(&e.features).0,
+                                targets: e.targets.clone(),
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            join(handles).into_iter().flatten().collect()
+        })
+    }
+
+    /// `opts.epochs` epochs of training from this network, numbered from
+    /// `first` of `total` in the reports, with a cosine schedule of their
+    /// own; the best network by validation accuracy, `best` included.
+    #[allow(clippy::too_many_arguments)]
+    fn train_part(
+        &mut self,
+        train: &[Example],
+        validation: &[Example],
+        opts: &TrainOptions,
+        first: usize,
+        total_epochs: usize,
+        mut best: Option<(f32, Net)>,
+        on_epoch: &mut impl FnMut(EpochReport),
+    ) -> (f32, Net) {
         let mut rng = Rng::new(opts.seed);
         let mut order: Vec<usize> = (0..train.len()).collect();
         let mut adam = Adam {
@@ -907,7 +999,6 @@ impl Net {
         };
         let steps_per_epoch = train.len().div_ceil(opts.batch.max(1));
         let total = (steps_per_epoch * opts.epochs).max(1);
-        let mut best: Option<(f32, Net)> = None;
         for epoch in 0..opts.epochs {
             rng.shuffle(&mut order);
             let mut loss_sum = 0.0;
@@ -928,8 +1019,8 @@ impl Net {
             }
             let accuracy = self.parallel_accuracy(validation, opts.threads);
             on_epoch(EpochReport {
-                epoch: epoch + 1,
-                epochs: opts.epochs,
+                epoch: first + epoch + 1,
+                epochs: total_epochs,
                 loss: loss_sum / train.len().max(1) as f32,
                 validation_accuracy: accuracy,
             });
@@ -937,9 +1028,7 @@ impl Net {
                 best = Some((accuracy, self.clone()));
             }
         }
-        if let Some((_, net)) = best {
-            *self = net;
-        }
+        best.unwrap_or_else(|| (0.0, self.clone()))
     }
 
     /// Loss and gradients of a batch split over `threads` threads.
