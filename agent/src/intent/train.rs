@@ -1290,8 +1290,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         members,
         epochs: opts.epochs,
         front_epochs: if opts.tune_front {
-            opts.front_epochs
-                .map_or(opts.epochs, |n| n.min(opts.epochs))
+            kith_models::intent::net::tuned_epochs(opts.epochs, opts.front_epochs)
         } else {
             0
         },

@@ -869,6 +869,12 @@ impl Default for TrainOptions {
     }
 }
 
+/// Of `epochs`, how many train a tuned front's layers, given
+/// [`TrainOptions::front_epochs`].
+pub fn tuned_epochs(epochs: usize, front_epochs: Option<usize>) -> usize {
+    front_epochs.map_or(epochs, |n| n.min(epochs))
+}
+
 /// Progress of one epoch, for the caller's progress display.
 #[derive(Debug, Clone, Copy)]
 pub struct EpochReport {
@@ -899,9 +905,7 @@ impl Net {
         opts: &TrainOptions,
         mut on_epoch: impl FnMut(EpochReport),
     ) {
-        let front_epochs = opts
-            .front_epochs
-            .map_or(opts.epochs, |n| n.min(opts.epochs));
+        let front_epochs = tuned_epochs(opts.epochs, opts.front_epochs);
         let frozen = opts.epochs - front_epochs;
         if self.front.is_none() || frozen == 0 {
             let best =
