@@ -485,10 +485,11 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 report.parameters,
                 report.total_secs
             );
-            eprintln!("  accepted (wrong, top choice right) per test condition:");
+            eprintln!("  accepted [95 % interval] (wrong, top choice right) per test condition:");
             for c in &report.conditions {
+                let (lo, hi) = c.accepted_interval();
                 eprintln!(
-                    "  {:<26} {:5.1} % of {} ({} wrong, {} top choice right)",
+                    "  {:<26} {:5.1} % of {} [{lo:.1}–{hi:.1}] ({} wrong, {} top choice right)",
                     c.name,
                     100.0 * c.rate(),
                     c.clips,

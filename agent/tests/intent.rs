@@ -232,6 +232,20 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
     assert!(fa <= 0.05, "false accept rate {fa}");
     let card = std::fs::read_to_string(dir.join("MODEL_CARD.md")).expect("card");
     assert!(card.contains("| babble 12 dB |"), "{card}");
+    // Each condition's acceptance with its interval, which holds it.
+    let row = card
+        .lines()
+        .find(|l| l.starts_with("| clean |"))
+        .expect("a clean row");
+    let cells: Vec<f64> = row
+        .split('|')
+        .flat_map(|c| c.split('–'))
+        .filter_map(|c| c.trim().trim_end_matches('%').trim().parse().ok())
+        .collect();
+    assert!(
+        cells.len() == 6 && cells[2] <= cells[1] && cells[1] <= cells[3],
+        "{row}"
+    );
 }
 
 #[test]

@@ -223,6 +223,28 @@ impl Condition {
     fn pct(&self, n: usize) -> f64 {
         100.0 * n as f64 / self.clips.max(1) as f64
     }
+
+    /// The 95 % Wilson interval of the acceptance rate, in percent.
+    pub fn accepted_interval(&self) -> (f64, f64) {
+        let (lo, hi) = wilson_interval(self.accepted, self.clips);
+        (100.0 * lo, 100.0 * hi)
+    }
+}
+
+/// The 95 % Wilson score interval of a rate of `k` in `n`, counting the
+/// `n` as independent draws ((0, 1) when `n` is 0). Unlike the normal
+/// approximation it stays inside [0, 1] and is not empty at 0 or `n`.
+pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    const Z: f64 = 1.959_964;
+    let (k, n) = (k.min(n) as f64, n as f64);
+    let p = k / n;
+    let z2 = Z * Z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
 /// What training made and measured (also `metrics.json`).
@@ -1806,15 +1828,16 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         }
     ));
     s.push_str(&format!(
-        "The rows before the accent rows use {} voices: held-out espeak-ng variants of the training accents and a held-out MBROLA voice. The accent rows use {} variants of `{}`, an accent no training voice has. *Wrong*: understood, but the intent or a slot wrong (the rest were answered \"not understood\"). *Top choice right*: the network's best answer was exactly right, whatever its score.\n\n",
-        r.test_voices, r.accent_voices, r.held_out_accent
+        "The rows before the accent rows use {} voices: held-out espeak-ng variants of the training accents and a held-out MBROLA voice. The accent rows use {} variants of `{}`, an accent no training voice has. *Wrong*: understood, but the intent or a slot wrong (the rest were answered \"not understood\"). *Top choice right*: the network's best answer was exactly right, whatever its score. *95 % interval*: where the acceptance rate lies, from the clips' count alone (Wilson); the clips share {} sentences and their voices, so the real spread is wider.\n\n",
+        r.test_voices, r.accent_voices, r.held_out_accent, r.test_sentences
     ));
     s.push_str(
-        "| condition | clips | accepted | wrong | top choice right |\n|---|---:|---:|---:|---:|\n",
+        "| condition | clips | accepted | 95 % interval | wrong | top choice right |\n|---|---:|---:|---:|---:|---:|\n",
     );
     for c in &r.conditions {
+        let (lo, hi) = c.accepted_interval();
         s.push_str(&format!(
-            "| {} | {} | {:.1} % | {:.1} % | {:.1} % |\n",
+            "| {} | {} | {:.1} % | {lo:.1}–{hi:.1} % | {:.1} % | {:.1} % |\n",
             c.name,
             c.clips,
             c.pct(c.accepted),
@@ -1890,6 +1913,45 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wilson_interval_holds_the_rate_and_narrows_with_more_clips() {
+        // At 0 of n and n of n the bounds have closed forms: z²/(n+z²)
+        // and n/(n+z²).
+        let z2 = 1.959_964f64.powi(2);
+        let (lo, hi) = wilson_interval(0, 10);
+        assert_eq!(lo, 0.0);
+        assert!((hi - z2 / (10.0 + z2)).abs() < 1e-9, "{hi}");
+        let (lo, hi) = wilson_interval(10, 10);
+        assert!((lo - 10.0 / (10.0 + z2)).abs() < 1e-9, "{lo}");
+        assert!(hi <= 1.0 && hi > 0.999_999, "{hi}");
+        // 174 of 200 (the shipped model at babble 12 dB): 81.6–91.0 %.
+        let (lo, hi) = wilson_interval(174, 200);
+        assert!(
+            (lo - 0.8163).abs() < 1e-4 && (hi - 0.9097).abs() < 1e-4,
+            "{lo} {hi}"
+        );
+        // Mirror image: k of n failures is n − k of n successes.
+        let (a, b) = wilson_interval(31, 200);
+        let (c, d) = wilson_interval(169, 200);
+        assert!((a - (1.0 - d)).abs() < 1e-12 && (b - (1.0 - c)).abs() < 1e-12);
+        // Ten times the clips at the same rate: a narrower interval around it.
+        let (lo10, hi10) = wilson_interval(1740, 2000);
+        assert!(lo10 > lo && hi10 < hi && lo10 < 0.87 && hi10 > 0.87);
+        assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
+        let cond = Condition {
+            name: "babble 12 dB".into(),
+            clips: 200,
+            accepted: 174,
+            wrong: 6,
+            top_right: 187,
+        };
+        let (lo, hi) = cond.accepted_interval();
+        assert!(
+            (lo - 81.63).abs() < 0.01 && (hi - 90.97).abs() < 0.01,
+            "{lo} {hi}"
+        );
+    }
 
     #[test]
     fn a_foreign_carrier_puts_the_value_after_the_start_of_one_sentence_and_before_another() {
