@@ -8,7 +8,7 @@ whole stream. Writes, per clip, the rows of the last 64 windows (right
 aligned), the 64 embeddings the trainer would have made, and how many of
 those are real windows (the rest are the embedding of silence).
 
-    extract.py MODELS_DIR DUMP_DIR NAME OUT_DIR [--cut 16|14] [--reference CACHE.f32]
+    extract.py MODELS_DIR DUMP_DIR NAME OUT_DIR [--cut 16|14|12|10] [--reference CACHE.f32]
 """
 import argparse
 
@@ -24,14 +24,16 @@ FRAMES, TAIL = 64, 3
 def cut_model(path, cut):
     """The embedding model from its first convolution (input [1, 1, T, 34]:
     mel rows with the model's own freq padding) to two outputs: the rows
-    after conv2d_16's activation (cut 16) or conv2d_14's pooling (cut 14),
-    and conv2d_19 (the embedding, one per window of 76 frames)."""
+    after conv2d_16's activation (cut 16, two bands), conv2d_14's pooling
+    (cut 14, two bands), conv2d_12's activation (cut 12, four bands) or
+    conv2d_10's pooling (cut 10, four bands of 72 channels), and
+    conv2d_19 (the embedding, one per window of 76 frames)."""
     m = onnx.load(path)
     nodes = list(m.graph.node)
     conv = [k for k, n in enumerate(nodes)
             if n.op_type == 'Conv' and f'conv2d_{cut}/' in n.input[1]][0]
-    at = conv + (2 if cut == 16 else 3)
-    assert nodes[at].op_type == ('Max' if cut == 16 else 'MaxPool')
+    at = conv + (3 if cut in (10, 14) else 2)
+    assert nodes[at].op_type == ('MaxPool' if cut in (10, 14) else 'Max')
     final = [n.output[0] for n in nodes
              if n.op_type == 'Conv' and 'conv2d_19' in n.input[1]][0]
     start = nodes[1].output[0]  # after the model's Pad and Reshape
@@ -49,7 +51,7 @@ def cut_model(path, cut):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('models'); ap.add_argument('dump'); ap.add_argument('name'); ap.add_argument('out')
-    ap.add_argument('--cut', type=int, choices=[14, 16], default=14)
+    ap.add_argument('--cut', type=int, choices=[10, 12, 14, 16], default=14)
     ap.add_argument('--reference', help="the trainer's cache entry for these clips (.f32): "
                     'checks that the embeddings made here are the ones it trained on')
     a = ap.parse_args()
@@ -67,15 +69,17 @@ def main():
     def stream(frames):
         x = np.pad(frames, ((0, 0), (1, 1)))[None, None].astype(np.float32)
         rows, e = emb.run(None, {start: x})
-        return rows[0].transpose(1, 0, 2), e[0, :, :, 0].T  # [R, 96, 2], [K, 96]
+        return rows[0].transpose(1, 0, 2), e[0, :, :, 0].T  # [R, channels, bands], [K, 96]
 
     silence = mel_frames(np.zeros(CHUNK + CONTEXT, np.float32))[0]
     _, sil_e = stream(np.tile(silence, (WINDOW, 1)))
-    extra = 6 if a.cut == 16 else 8  # rows of a window beyond its 2 own
+    extra = {16: 6, 14: 8, 12: 10, 10: 12}[a.cut]  # rows of a window beyond its 2 own
+    bands = 4 if a.cut <= 12 else 2
+    channels = 72 if a.cut == 10 else 96
     audio = np.fromfile(f'{a.dump}/{a.name}.i16', dtype='<i2')
     idx = [line.rstrip('\n').split('\t') for line in open(f'{a.dump}/{a.name}.idx')]
     n_rows = 2 * FRAMES + extra
-    R = np.zeros((len(idx), n_rows, 96, 2), np.float16)
+    R = np.zeros((len(idx), n_rows, channels, bands), np.float16)
     E = np.zeros((len(idx), FRAMES, 96), np.float32)
     count = np.zeros(len(idx), np.int32)
     for i, (off, ln, *_) in enumerate(idx):

@@ -10,10 +10,22 @@ weight decay 0.05, batches of 32; the epoch kept is the best on a tenth of
 the training clips held back. Reports "right first" per test condition:
 every head with a target right, before any threshold.
 
-    train.py MODELS_DIR DUMP_DIR FEATURES_DIR MODE EPOCHS SEED [TOP_LR]
+    train.py MODELS_DIR DUMP_DIR FEATURES_DIR MODE EPOCHS SEED [TOP_LR [FRONT_EPOCHS]]
 
 MODE: frozen (the embeddings as the trainer has them), top (conv2d_17-19
-trained, rows of --cut 16), deep (conv2d_15-19 trained, rows of --cut 14).
+trained, rows of --cut 16), deep (conv2d_15-19 trained, rows of --cut 14),
+deeper (conv2d_13-19 trained, rows of --cut 12), deepest (conv2d_11-19
+trained, rows of --cut 10).
+
+FRONT_EPOCHS (default: all) is kith's `--front-epochs`: of the EPOCHS, the
+ones before the last FRONT_EPOCHS train the network alone on the frozen
+embeddings; the last ones start from the best of those, train the layers
+too, and have learning-rate schedules of their own. The epoch kept is the
+best of all.
+
+Writes right-first-MODE-seedSEED.npy in the working directory: per test
+clip, whether the best answer was right, for comparing two runs clip by
+clip.
 """
 import json
 import sys
@@ -29,12 +41,13 @@ from onnx import numpy_helper
 MODELS, DUMP, FEAT, MODE = sys.argv[1:5]
 EPOCHS, SEED = int(sys.argv[5]), int(sys.argv[6])
 TOP_LR = float(sys.argv[7]) if len(sys.argv) > 7 else 3e-4
+FRONT = min(int(sys.argv[8]), EPOCHS) if len(sys.argv) > 8 else EPOCHS
 TRAIN, TEST = 'synthesizing_training_clips', 'synthesizing_test_clips'
 CONDITIONS = ['clean', 'babble 24 dB', 'babble 18 dB', 'babble 12 dB', 'babble 6 dB',
               'pink 24 dB', 'pink 18 dB', 'pink 12 dB', 'pink 6 dB',
               'accent en-029, clean', 'accent en-029, babble 12 dB']
 GOAL = [0, 1, 2, 3, 5, 6, 7]
-ROWS = {'frozen': 16, 'top': 16, 'deep': 14}[MODE]
+ROWS = {'frozen': 16, 'top': 16, 'deep': 14, 'deeper': 12, 'deepest': 10}[MODE]
 
 
 def load(name):
@@ -65,10 +78,13 @@ def pretrained(layer, kind):
 
 
 PRETRAINED = {f'{p}{n}': pretrained(n, 'weights' if p == 'w' else 'bias')
-              for n in (15, 16, 17, 18) for p in ('w', 'b')}
+              for n in {'deeper': (13, 14), 'deepest': (11, 12, 13, 14)}.get(MODE, ())
+              + (15, 16, 17, 18)
+              for p in ('w', 'b')}
 PRETRAINED['w19'] = pretrained(19, 'ReadVariableOp')
 TRAINED = {'frozen': [], 'top': ['w17', 'b17', 'w18', 'b18', 'w19'],
-           'deep': list(PRETRAINED)}[MODE]
+           'deep': list(PRETRAINED), 'deeper': list(PRETRAINED),
+           'deepest': list(PRETRAINED)}[MODE]
 
 
 def act(x):  # the embedding model's LeakyRelu(0.2) then Max(-0.4)
@@ -82,8 +98,15 @@ def conv2d(x, w, b=None, freq_pad=0):
 
 
 def embed(tp, rows, cnt):
-    """Rows [B, R, 96, 2] → the 64 embeddings, silence where no window was."""
-    x = rows.astype(jnp.float32).transpose(0, 2, 1, 3)  # B, 96, time, freq
+    """Rows [B, R, 96, bands] → the 64 embeddings, silence where no window was."""
+    x = rows.astype(jnp.float32).transpose(0, 2, 1, 3)  # B, channels, time, freq
+    if 'w11' in tp:  # four bands of 72 channels in
+        x = act(conv2d(x, tp['w11'], tp['b11'], 1))
+        x = act(conv2d(x, tp['w12'], tp['b12']))
+    if 'w13' in tp:  # four bands, pooled to two over frequency
+        x = act(conv2d(x, tp['w13'], tp['b13'], 1))
+        x = act(conv2d(x, tp['w14'], tp['b14']))
+        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 1, 2), (1, 1, 1, 2), 'VALID')
     if 'w15' in tp:
         x = act(conv2d(x, tp['w15'], tp['b15'], 1))
         x = act(conv2d(x, tp['w16'], tp['b16']))
@@ -136,7 +159,7 @@ def net(p, e, key=None, drop=0.2):
 
 
 def features(params, rows, emb, cnt):
-    if MODE == 'frozen':
+    if MODE == 'frozen' or rows is None:
         return emb
     return embed({**PRETRAINED, **params['top']}, rows, cnt)
 
@@ -151,19 +174,23 @@ def loss_fn(params, rows, emb, cnt, tg, key):
 
 
 params = {'net': init(jax.random.PRNGKey(SEED)), 'top': {k: PRETRAINED[k] for k in TRAINED}}
-steps = EPOCHS * (len(trn) // 32)
-opt = optax.multi_transform(
-    {'net': optax.adamw(optax.cosine_decay_schedule(2e-3, steps), weight_decay=0.05),
-     'top': optax.adam(optax.cosine_decay_schedule(TOP_LR, steps))},
-    {'net': 'net', 'top': 'top'})
-state = opt.init(params)
 
 
-@jax.jit
-def step(params, state, rows, emb, cnt, tg, key):
-    loss, g = jax.value_and_grad(loss_fn)(params, rows, emb, cnt, tg, key)
-    updates, state = opt.update(g, state, params)
-    return optax.apply_updates(params, updates), state, loss
+def optimizer(epochs):
+    steps = epochs * (len(trn) // 32)
+    return optax.multi_transform(
+        {'net': optax.adamw(optax.cosine_decay_schedule(2e-3, steps), weight_decay=0.05),
+         'top': optax.adam(optax.cosine_decay_schedule(TOP_LR, steps))},
+        {'net': 'net', 'top': 'top'})
+
+
+def make_step(opt):
+    @jax.jit
+    def step(params, state, rows, emb, cnt, tg, key):
+        loss, g = jax.value_and_grad(loss_fn)(params, rows, emb, cnt, tg, key)
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state, loss
+    return step
 
 
 @jax.jit
@@ -187,22 +214,36 @@ def right(params, rows, emb, cnt, tg):
 key = jax.random.PRNGKey(SEED + 100)
 best = (-1.0, params, 0)
 started = time.time()
-pick = (lambda r, i: r[i]) if MODE != 'frozen' else (lambda r, i: None)
-for epoch in range(EPOCHS):
-    order = rng.permutation(trn)
-    losses = []
-    for s in range(0, len(order) - 31, 32):
-        b = np.sort(order[s:s + 32])
-        key, k = jax.random.split(key)
-        params, state, loss = step(params, state, pick(rows_tr, b), emb_tr[b], cnt_tr[b], tg_tr[b], k)
-        losses.append(float(loss))
-    v = right(params, pick(rows_tr, val), emb_tr[val], cnt_tr[val], tg_tr[val]).mean()
-    if v >= best[0]:
-        best = (float(v), params, epoch + 1)
-    print(f'{MODE} epoch {epoch + 1}/{EPOCHS} loss {np.mean(losses):.4f} '
-          f'validation {v:.4f} {time.time() - started:.0f} s', flush=True)
-ok = right(best[1], rows_te, emb_te, cnt_te, tg_te)
+tuned = MODE != 'frozen'
+# (first epoch, epochs, whether the rows and the layers are used)
+phases = [(0, EPOCHS, tuned)] if FRONT == EPOCHS or not tuned else \
+    [(0, EPOCHS - FRONT, False), (EPOCHS - FRONT, FRONT, True)]
+for first, count, with_rows in phases:
+    if first > 0:
+        params = best[1]
+    opt = optimizer(count)
+    state = opt.init(params)
+    step = make_step(opt)
+    pick = (lambda r, i: r[i]) if with_rows else (lambda r, i: None)
+    for epoch in range(first, first + count):
+        order = rng.permutation(trn)
+        losses = []
+        for s in range(0, len(order) - 31, 32):
+            b = np.sort(order[s:s + 32])
+            key, k = jax.random.split(key)
+            params, state, loss = step(params, state, pick(rows_tr, b), emb_tr[b], cnt_tr[b], tg_tr[b], k)
+            losses.append(float(loss))
+        v = right(params, pick(rows_tr, val), emb_tr[val], cnt_tr[val], tg_tr[val]).mean()
+        if v >= best[0]:
+            best = (float(v), params, epoch + 1)
+        print(f'{MODE} epoch {epoch + 1}/{EPOCHS} {"layers " if with_rows else ""}loss {np.mean(losses):.4f} '
+              f'validation {v:.4f} {time.time() - started:.0f} s', flush=True)
+ok = right(best[1], rows_te if tuned else None, emb_te, cnt_te, tg_te)
 result = {name: round(100 * float(ok[cond_te == c].mean()), 1) for c, name in enumerate(CONDITIONS)}
 result['goal clips'] = round(100 * float(ok[np.isin(cond_te, GOAL)].mean()), 1)
 result['epoch kept'], result['validation'] = best[2], round(100 * best[0], 1)
-print(json.dumps({'mode': MODE, 'seed': SEED, 'top_lr': TOP_LR, 'right first %': result}))
+print(json.dumps({'mode': MODE, 'seed': SEED, 'top_lr': TOP_LR, 'front_epochs': FRONT,
+                  'right first %': result}))
+# Per test clip, whether the best answer was right (in the dump's order),
+# for paired comparisons of two runs on the same clips.
+np.save(f'right-first-{MODE}-seed{SEED}.npy', ok)
