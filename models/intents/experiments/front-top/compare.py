@@ -18,10 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from paired import mcnemar  # noqa: E402
 
-CONDITIONS = ['clean', 'babble 24 dB', 'babble 18 dB', 'babble 12 dB', 'babble 6 dB',
-              'pink 24 dB', 'pink 18 dB', 'pink 12 dB', 'pink 6 dB',
-              'accent en-029, clean', 'accent en-029, babble 12 dB']
-GOAL = [0, 1, 2, 3, 5, 6, 7]
+from conditions import CONDITIONS, GOAL  # noqa: E402
 
 
 def main():

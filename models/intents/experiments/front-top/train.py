@@ -38,15 +38,13 @@ import onnx
 import optax
 from onnx import numpy_helper
 
+from conditions import CONDITIONS, GOAL
+
 MODELS, DUMP, FEAT, MODE = sys.argv[1:5]
 EPOCHS, SEED = int(sys.argv[5]), int(sys.argv[6])
 TOP_LR = float(sys.argv[7]) if len(sys.argv) > 7 else 3e-4
 FRONT = min(int(sys.argv[8]), EPOCHS) if len(sys.argv) > 8 else EPOCHS
 TRAIN, TEST = 'synthesizing_training_clips', 'synthesizing_test_clips'
-CONDITIONS = ['clean', 'babble 24 dB', 'babble 18 dB', 'babble 12 dB', 'babble 6 dB',
-              'pink 24 dB', 'pink 18 dB', 'pink 12 dB', 'pink 6 dB',
-              'accent en-029, clean', 'accent en-029, babble 12 dB']
-GOAL = [0, 1, 2, 3, 5, 6, 7]
 ROWS = {'frozen': 16, 'top': 16, 'deep': 14, 'deeper': 12, 'deepest': 10}[MODE]
 
 
@@ -82,9 +80,7 @@ PRETRAINED = {f'{p}{n}': pretrained(n, 'weights' if p == 'w' else 'bias')
               + (15, 16, 17, 18)
               for p in ('w', 'b')}
 PRETRAINED['w19'] = pretrained(19, 'ReadVariableOp')
-TRAINED = {'frozen': [], 'top': ['w17', 'b17', 'w18', 'b18', 'w19'],
-           'deep': list(PRETRAINED), 'deeper': list(PRETRAINED),
-           'deepest': list(PRETRAINED)}[MODE]
+TRAINED = {'frozen': [], 'top': ['w17', 'b17', 'w18', 'b18', 'w19']}.get(MODE, list(PRETRAINED))
 
 
 def act(x):  # the embedding model's LeakyRelu(0.2) then Max(-0.4)
