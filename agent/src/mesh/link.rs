@@ -471,39 +471,52 @@ async fn session(
     let mut shutdown = state.shutdown.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(mesh.config.state_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut connected = false;
     let mut seq = 0u64;
     let mut was_draining = false;
+    // The connection first, with nothing but shutdown able to interrupt it:
+    // rumqttc's `poll` is not cancel-safe while it connects, so a wake-up
+    // that dropped it there would open a second connection with the same
+    // client id, and whichever CONNECT the broker handles last closes the
+    // other (a spurious "connection closed" right after connecting).
+    let first = tokio::select! {
+        ev = events.poll() => ev,
+        _ = until_set(&mut shutdown) => return End::Shutdown,
+    };
+    match first {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => {}
+        Ok(other) => return End::Failed(format!("expected CONNACK, got {other:?}")),
+        Err(e) => return End::Failed(e.to_string()),
+    }
+    mesh.stats.broker_connects.fetch_add(1, Ordering::Relaxed);
+    set_status(mesh, Some(target), true, hosting);
+    if let Ok(mut c) = mesh.client.lock() {
+        *c = Some(client.clone());
+    }
+    tracing::info!(broker = %target.key, address = format!("{}:{}", target.host, target.port), "mesh: connected to the MQTT broker");
+    for (topic, qos) in [
+        (format!("{}/+/state", wire::TOPIC_ROOT), QoS::AtLeastOnce),
+        (wire::topic(&mesh.id, "jobs"), QoS::AtLeastOnce),
+        (wire::topic(&mesh.id, "replies"), QoS::AtLeastOnce),
+    ] {
+        if client.try_subscribe(topic, qos).is_err() {
+            return End::Failed("subscribing".into());
+        }
+    }
+    // The first tick (immediate) publishes the state.
     loop {
         tokio::select! {
             ev = events.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
-                    mesh.stats.broker_connects.fetch_add(1, Ordering::Relaxed);
-                    set_status(mesh, Some(target), true, hosting);
-                    if let Ok(mut c) = mesh.client.lock() {
-                        *c = Some(client.clone());
-                    }
-                    tracing::info!(broker = %target.key, address = format!("{}:{}", target.host, target.port), "mesh: connected to the MQTT broker");
-                    for (topic, qos) in [
-                        (format!("{}/+/state", wire::TOPIC_ROOT), QoS::AtLeastOnce),
-                        (wire::topic(&mesh.id, "jobs"), QoS::AtLeastOnce),
-                        (wire::topic(&mesh.id, "replies"), QoS::AtLeastOnce),
-                    ] {
-                        if client.try_subscribe(topic, qos).is_err() {
-                            return End::Failed("subscribing".into());
-                        }
-                    }
-                    publish_state(mesh, state, &client, &mut seq);
+                    // Only a reconnection sends another, and a lost
+                    // connection ends the session before one could.
+                    return End::Failed("unexpected second CONNACK".into());
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => incoming(mesh, state, &client, p),
                 Ok(_) => {}
                 Err(e) => return End::Failed(e.to_string()),
             },
             _ = tick.tick() => {
-                if connected {
-                    publish_state(mesh, state, &client, &mut seq);
-                }
+                publish_state(mesh, state, &client, &mut seq);
                 expire(mesh);
                 if moved(mesh, target, configured, failed_peers, failed_lan, hosting) {
                     leave(mesh, &client, &mut events).await;
@@ -519,9 +532,7 @@ async fn session(
             _ = wait_draining(state), if !was_draining => {
                 // Tell peers at once: send nothing new here.
                 was_draining = true;
-                if connected {
-                    publish_state(mesh, state, &client, &mut seq);
-                }
+                publish_state(mesh, state, &client, &mut seq);
             }
             _ = until_set(&mut shutdown) => {
                 leave(mesh, &client, &mut events).await;
@@ -680,6 +691,100 @@ fn incoming(mesh: &Arc<Mesh>, state: &Arc<AppState>, client: &AsyncClient, p: ru
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A TCP relay in front of a broker that holds the broker's first bytes
+    /// (its CONNACK) back for `delay`, as a loaded broker would; it counts
+    /// the connections clients open through it.
+    async fn slow_relay(broker: SocketAddr, delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay address");
+        let opened = Arc::new(AtomicUsize::new(0));
+        let count = opened.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let Ok(upstream) = TcpStream::connect(broker).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                });
+                tokio::spawn(async move {
+                    let mut first = [0u8; 64];
+                    let Ok(n) = ur.read(&mut first).await else {
+                        return;
+                    };
+                    tokio::time::sleep(delay).await;
+                    if n == 0 || cw.write_all(&first[..n]).await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                });
+            }
+        });
+        (addr, opened)
+    }
+
+    /// Discovery wakes the link whenever it sees anything. Wake-ups that
+    /// come while the node is still connecting must not make it drop that
+    /// connection and open another with the same client id: the broker
+    /// would then close one of the two, and the node would log a lost
+    /// connection right after connecting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wakeups_while_connecting_keep_one_connection() {
+        let broker = Broker::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("embedded broker");
+        let (relay, opened) = slow_relay(broker.addr, Duration::from_millis(300)).await;
+        let mut config = crate::config::Config::default();
+        config.mesh.mqtt_url = format!("mqtt://{relay}");
+        let models = tempfile::tempdir().expect("temp dir");
+        let store = crate::store::ModelStore::new(
+            models.path().to_path_buf(),
+            crate::catalog::Catalog::builtin().expect("catalog"),
+        );
+        let (events, _) = tokio::sync::broadcast::channel(4);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let state = Arc::new(AppState::new(
+            "n1".into(),
+            config.clone(),
+            store,
+            events,
+            stopped,
+        ));
+        let mesh = Arc::new(Mesh::new("n1".into(), 7, config.mesh, 0));
+        let link = tokio::spawn(run(mesh.clone(), state));
+        // Wake the link every 10 ms for longer than the CONNACK takes.
+        for _ in 0..50 {
+            mesh.changed.notify_one();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let connected = || mesh.broker.lock().map(|b| b.connected).unwrap_or(false);
+        for _ in 0..100 {
+            if connected() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(connected(), "the node never connected through the relay");
+        // Long enough for a closed connection to show and be retried.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(connected(), "the connection was lost after connecting");
+        assert_eq!(opened.load(Ordering::SeqCst), 1, "connections opened");
+        assert_eq!(mesh.stats.broker_connects.load(Ordering::Relaxed), 1);
+        let _ = stop.send(true);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3), link)
+                .await
+                .is_ok(),
+            "the link did not stop"
+        );
+    }
 
     #[test]
     fn broker_urls() {

@@ -101,16 +101,10 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Starts discovery and the MQTT link. Needs a tokio runtime.
-    pub fn start(state: &Arc<AppState>, api_port: u16) -> anyhow::Result<Arc<Mesh>> {
-        let config = state.config.mesh.clone();
-        let id = wire::node_id(&state.node).to_string();
-        if id != state.node {
-            tracing::info!(node = %state.node, mesh_id = %id, "the node's name is not a valid mesh id; using a cleaned-up one");
-        }
-        let boot = random_u64();
-        let mesh = Arc::new(Mesh {
-            id: id.clone(),
+    /// The mesh state of a node that has not started discovery or its link yet.
+    fn new(id: String, boot: u64, config: MeshConfig, api_port: u16) -> Mesh {
+        Mesh {
+            id,
             boot,
             peers: Mutex::new(PeerTable::new(Duration::from_secs(
                 config.peer_timeout_secs,
@@ -131,7 +125,18 @@ impl Mesh {
             first_peer: OnceLock::new(),
             last_drop_log_ms: AtomicU64::new(0),
             link_task: Mutex::new(None),
-        });
+        }
+    }
+
+    /// Starts discovery and the MQTT link. Needs a tokio runtime.
+    pub fn start(state: &Arc<AppState>, api_port: u16) -> anyhow::Result<Arc<Mesh>> {
+        let config = state.config.mesh.clone();
+        let id = wire::node_id(&state.node).to_string();
+        if id != state.node {
+            tracing::info!(node = %state.node, mesh_id = %id, "the node's name is not a valid mesh id; using a cleaned-up one");
+        }
+        let boot = random_u64();
+        let mesh = Arc::new(Mesh::new(id.clone(), boot, config, api_port));
         let advert = Advert {
             id,
             boot,
