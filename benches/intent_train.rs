@@ -5,15 +5,15 @@
 //! and ten slot heads). A full training run is about
 //! `30 epochs × clips / 256` of the epoch figure.
 //!
-//! The embedding's top (conv2d_15–19, `intent::embedding_top`), which a
-//! trainer tuning the front end runs per clip as well: forward and
-//! backward over the rows of 33 windows (the average command's real
-//! windows out of 64) and of all 64.
+//! The embedding's top (`intent::embedding_top`) from each depth
+//! (conv2d_15, 13 and 11 to conv2d_19), which a trainer tuning the front
+//! end runs per clip as well: forward and backward over the rows of 33
+//! windows (the average command's real windows out of 64) and of all 64.
 //!
 //! `cargo bench -p kith-benches --bench intent_train` (no models needed).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kith_models::intent::embedding_top::{CHANNELS, EmbeddingTop, ROW, rows_for};
+use kith_models::intent::embedding_top::{CHANNELS, Depth, EmbeddingTop};
 use kith_models::intent::grammar::Rng;
 use kith_models::intent::net::{DILATIONS, Example, Net, Shape, TrainOptions};
 
@@ -78,24 +78,32 @@ fn bench(c: &mut Criterion) {
 }
 
 fn bench_top(c: &mut Criterion) {
-    let top = EmbeddingTop::random(3);
     let mut rng = Rng::new(4);
     let mut group = c.benchmark_group("embedding_top");
     group.sample_size(20);
-    for windows in [33, 64] {
-        let rows: Vec<f32> = (0..rows_for(windows) * ROW).map(|_| rng.normal()).collect();
-        let g: Vec<f32> = (0..windows * CHANNELS).map(|_| rng.normal()).collect();
-        group.bench_function(format!("forward, {windows} windows"), |b| {
-            b.iter(|| top.embed(&rows))
-        });
-        group.bench_function(format!("forward and backward, {windows} windows"), |b| {
-            let mut grads = top.zero_grads();
-            b.iter(|| {
-                if let Ok(trace) = top.forward(&rows) {
-                    top.backward(&trace, &g, &mut grads);
-                }
-            })
-        });
+    for depth in Depth::ALL {
+        let top = EmbeddingTop::random(depth, 3);
+        let from = depth.first_layer();
+        for windows in [33, 64] {
+            let rows: Vec<f32> = (0..depth.rows_for(windows) * depth.row())
+                .map(|_| rng.normal())
+                .collect();
+            let g: Vec<f32> = (0..windows * CHANNELS).map(|_| rng.normal()).collect();
+            group.bench_function(format!("from {from}, forward, {windows} windows"), |b| {
+                b.iter(|| top.embed(&rows))
+            });
+            group.bench_function(
+                format!("from {from}, forward and backward, {windows} windows"),
+                |b| {
+                    let mut grads = top.zero_grads();
+                    b.iter(|| {
+                        if let Ok(trace) = top.forward(&rows) {
+                            top.backward(&trace, &g, &mut grads);
+                        }
+                    })
+                },
+            );
+        }
     }
     group.finish();
 }

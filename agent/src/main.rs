@@ -12,6 +12,7 @@ use kith::listen::{self, CommandListener, ListenEvent, ListenOptions};
 use kith::store::{FetchOptions, ModelStore, Status, default_models_dir, human_bytes};
 use kith_hal::{AudioSource, WavSource};
 use kith_models::EmbeddingMode;
+use kith_models::intent::embedding_top::Depth;
 
 /// kith: a low-footprint AI agent for single-board computers.
 #[derive(Parser)]
@@ -93,11 +94,18 @@ enum IntentCommand {
         /// trying other epochs or widths then skips synthesis
         #[arg(long, value_name = "DIR")]
         cache: Option<PathBuf>,
-        /// Also train the speech embedding's last five layers, from their
-        /// pretrained weights: better under babble, several times the
-        /// training time, and the model runs those layers itself
-        #[arg(long)]
-        tune_front: bool,
+        /// Also train the speech embedding's layers from conv2d_LAYER on
+        /// (15, 13 or 11; 15 when LAYER is left out), from their pretrained
+        /// weights: better under babble, several times the training time
+        /// (more the deeper), and the model runs those layers itself
+        #[arg(
+            long,
+            value_name = "LAYER",
+            num_args = 0..=1,
+            default_missing_value = "15",
+            value_parser = parse_depth
+        )]
+        tune_front: Option<Depth>,
         /// With --tune-front: of the --epochs, how many (the last) train the
         /// embedding's layers; the ones before train the network alone, at a
         /// plain network's cost [default: all]
@@ -874,4 +882,14 @@ fn chat_cmd(store: &ModelStore, args: ChatArgs) -> Result<()> {
         &mut stdout.lock(),
         interactive,
     )
+}
+
+/// `--tune-front`'s LAYER: where the trained top of the embedding starts.
+fn parse_depth(s: &str) -> Result<Depth, String> {
+    s.parse::<usize>()
+        .ok()
+        .and_then(Depth::from_layer)
+        .ok_or_else(|| {
+            format!("{s:?} is not a layer the top can start at: 15 (five layers), 13 (seven) or 11 (nine)")
+        })
 }

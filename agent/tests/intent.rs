@@ -356,6 +356,10 @@ fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
             "--front-epochs must be between 1",
         ),
         (&["--front-epochs", "2"][..], "--tune-front"),
+        (
+            &["--tune-front", "12"][..],
+            "15 (five layers), 13 (seven) or 11 (nine)",
+        ),
     ] {
         let mut all = vec![
             "intent",
@@ -376,6 +380,43 @@ fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
             text(&o.stderr)
         );
     }
+}
+
+#[test]
+fn tune_front_from_conv2d_11_trains_the_nine_layers_into_a_model_that_infer_runs() {
+    let single = metrics(small_model());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, _) = train_small_context(
+        dir.path(),
+        &[
+            "--utterances",
+            "300",
+            "--test-utterances",
+            "10",
+            "--epochs",
+            "3",
+            "--tune-front",
+            "11",
+            "--front-epochs",
+            "1",
+        ],
+    );
+    // conv2d_11 (72 channels in) to conv2d_19: one 72×96×3 kernel, eight
+    // 96×96×3, eight biases, on top of the small model's network.
+    let top = 3 * 72 * 96 + 8 * 3 * 96 * 96 + 8 * 96;
+    assert_eq!(
+        metrics(&out)["parameters"].as_u64().expect("n"),
+        single["parameters"].as_u64().expect("n") + top
+    );
+    let labels = std::fs::read_to_string(out.join("labels.json")).expect("labels");
+    assert!(labels.contains(r#""front": "cut11""#), "{labels}");
+    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).expect("card");
+    assert!(
+        card.contains("last 9 layers (conv2d_11–19) trained with the network")
+            && card.contains("reads the rows before conv2d_11"),
+        "{card}"
+    );
+    answer_of(&out, "turn off the bedroom light");
 }
 
 /// `kith intent infer --json` on `sentence` said by a held-out voice: its

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use kith_models::intent::embedding_top::EmbeddingTop;
+use kith_models::intent::embedding_top::{Depth, EmbeddingTop};
 use kith_models::intent::grammar::{Grammar, Rng, Utterance};
 use kith_models::intent::net::{Example, Net, Shape, TrainOptions as NetOptions};
 use kith_models::intent::{
@@ -67,9 +67,10 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Where rendered features are kept for later runs (`None`: nowhere).
     pub cache: Option<PathBuf>,
-    /// Train the speech embedding's last five layers with the network
-    /// (the model then reads the cut front end's rows: [`Front::Cut`]).
-    pub tune_front: bool,
+    /// Train the speech embedding's layers from this depth on with the
+    /// network (the model then reads the cut front end's rows there:
+    /// [`Front::cut`]); `None`: the embedding stays frozen.
+    pub tune_front: Option<Depth>,
     /// With `tune_front`: of the epochs, how many (the last) train the
     /// embedding's layers (`None`: all).
     pub front_epochs: Option<usize>,
@@ -90,7 +91,7 @@ impl Default for TrainOptions {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             seed: 1,
             cache: None,
-            tune_front: false,
+            tune_front: None,
             front_epochs: None,
         }
     }
@@ -514,11 +515,7 @@ fn babble_bank(
 
 /// The features the trained model reads.
 fn front_of(opts: &TrainOptions) -> Front {
-    if opts.tune_front {
-        Front::Cut
-    } else {
-        Front::Embeddings
-    }
+    opts.tune_front.map_or(Front::Embeddings, Front::cut)
 }
 
 /// The name of the cache entry for `jobs`' features: a digest of the jobs
@@ -536,7 +533,12 @@ fn cache_key(jobs: &[Job], bank: &NoiseBank, opts: &TrainOptions) -> String {
     grammar_hash(&format!(
         "features v2 {}{} {jobs:?} {:?} {} {:x}",
         front_of(opts).features(),
-        if opts.tune_front { " cut" } else { "" },
+        match opts.tune_front {
+            None => String::new(),
+            // As before depths could be chosen, so that older caches still match.
+            Some(Depth::From15) => " cut".to_string(),
+            Some(d) => format!(" cut{}", d.first_layer()),
+        },
         opts.noise_dirs,
         bank.recorded.len(),
         babble.finalize()
@@ -739,8 +741,9 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     let mut labels = labels_of(&grammar, &sha);
     labels.front = front_of(opts);
     // The embedding's top and the embedding of silence, when tuned.
-    let tuned = if opts.tune_front {
-        let top = EmbeddingTop::load(&front.embedding).context("reading the embedding's top")?;
+    let tuned = if let Some(depth) = opts.tune_front {
+        let top =
+            EmbeddingTop::load(&front.embedding, depth).context("reading the embedding's top")?;
         let plain = CommandFront::load(&front.mel, &front.embedding)
             .context("loading the audio front end")?;
         Some((top, plain.silence().to_vec()))
@@ -1311,7 +1314,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         parameters: nets.iter().map(Net::parameters).sum(),
         members,
         epochs: opts.epochs,
-        front_epochs: if opts.tune_front {
+        front_epochs: if opts.tune_front.is_some() {
             kith_models::intent::net::tuned_epochs(opts.epochs, opts.front_epochs)
         } else {
             0
@@ -1755,7 +1758,7 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         "- Network: dilated 1-D convolutions over {} speech embeddings (5.12 s), attention-pooled heads{ensemble}; {} parameters, {} bytes of ONNX\n",
         FRAMES, r.parameters, r.model_bytes
     ));
-    if labels.front == Front::Cut {
+    if let Some(depth) = labels.front.depth() {
         let when = if r.front_epochs < r.epochs {
             format!(
                 "in the last {} of {} epochs (the first {} train the network alone on the pretrained layers' embeddings)",
@@ -1767,7 +1770,10 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
             format!("in all {} epochs", r.epochs)
         };
         s.push_str(&format!(
-            "- Front end: the speech embedding's last five layers (conv2d_15–19) trained with the network from their pretrained weights, {when} (`--tune-front`); the model holds its copy of them and reads the rows before conv2d_15\n",
+            "- Front end: the speech embedding's last {} layers (conv2d_{}–19) trained with the network from their pretrained weights, {when} (`--tune-front {}`); the model holds its copy of them and reads the rows before conv2d_{1}\n",
+            depth.layers(),
+            depth.first_layer(),
+            depth.first_layer(),
         ));
     }
 

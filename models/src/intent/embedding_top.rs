@@ -1,17 +1,25 @@
 //! The top of the speech embedding as a network kith can train: the last
-//! five convolutions of openWakeWord's `embedding_model.onnx`
-//! (conv2d_15 to conv2d_19), with hand-written gradients.
+//! five, seven or nine convolutions of openWakeWord's `embedding_model.onnx`
+//! (conv2d_15, conv2d_13 or conv2d_11 to conv2d_19: a [`Depth`]), with
+//! hand-written gradients.
 //!
-//! kith's intent network otherwise learns on frozen embeddings. An
-//! experiment (`models/intents/EXPERIMENTS.md`, "The top of the speech
-//! embedding, trained") found that training these five layers with it,
-//! started from their pretrained weights, is what lifts commands under
-//! babble; this module is the first part of doing that in kith's own
-//! trainer. Its input is the embedding model's activations after
-//! `max_pooling2d_3` (the "rows"), its output the embeddings.
+//! kith's intent network otherwise learns on frozen embeddings. Experiments
+//! (`models/intents/EXPERIMENTS.md`, "The top of the speech embedding,
+//! trained" and "Two more layers of the embedding, trained") found that
+//! training these layers with it, started from their pretrained weights,
+//! is what lifts commands under babble, and more of them more. Its input is
+//! the embedding model's activations before the first layer it holds (the
+//! "rows"), its output the embeddings.
 //!
 //! ```text
-//! rows [R, 2 bands, 96]                       R = 2n + 8 for n embeddings
+//! from 11: rows [R, 4 bands, 72]                       R = 2n + 12
+//!   → conv2d_11 (1×3 over the bands, padded) → act
+//!   → conv2d_12 (3×1 over time, valid)       → act   [R-2, 4, 96]
+//! from 13: rows [R, 4 bands, 96]                       R = 2n + 10
+//!   → conv2d_13 (1×3 over the bands, padded) → act
+//!   → conv2d_14 (3×1 over time, valid)       → act   [R-2, 4, 96]
+//!   → max-pool 1×2 over the bands                    [R-2, 2, 96]
+//! from 15: rows [R, 2 bands, 96]                       R = 2n + 8
 //!   → conv2d_15 (1×3 over the bands, padded) → act
 //!   → conv2d_16 (3×1 over time, valid)       → act   [R-2, 2, 96]
 //!   → conv2d_17 (1×3 over the bands, padded) → act
@@ -19,12 +27,14 @@
 //!   → max-pool 2×2, stride 2                         [R/2-2, 1, 96]
 //!   → conv2d_19 (3×1 over time, valid, no bias)      [n, 96]
 //! act(z) = max(LeakyRelu_0.2(z), floor), floor = -0.4 in the shipped model
+//! (R counted at each depth's own input)
 //! ```
 //!
-//! A row is 4 mel frames (40 ms) and an embedding window 76 frames, so
-//! window k of a stream is rows 2k..2k+10: run over a whole stream's rows
-//! the layers give every window's embedding at once, with no window's work
-//! repeated. Layout is row-major [row, band, channel] throughout.
+//! A row is 4 mel frames (40 ms) at every depth and an embedding window 76
+//! frames, so from 15 window k of a stream is rows 2k..2k+10 (two rows more
+//! per time convolution below): run over a whole stream's rows the layers
+//! give every window's embedding at once, with no window's work repeated.
+//! Layout is row-major [row, band, channel] throughout.
 
 use std::path::Path;
 
@@ -35,65 +45,168 @@ use super::net::gemm;
 use crate::error::{ModelError, reason};
 use crate::wake::EMBEDDING_DIM;
 
-/// Channels of every layer (the embedding's size).
+/// Channels out of every layer (the embedding's size).
 pub const CHANNELS: usize = EMBEDDING_DIM;
-/// Frequency bands at the cut.
-pub const BANDS: usize = 2;
 /// Kernel width of every convolution.
-const KERNEL: usize = 3;
+pub const KERNEL: usize = 3;
 /// Rows per embedding step (8 mel frames).
 pub const ROWS_PER_STEP: usize = 2;
-/// Rows a window spans beyond its own [`ROWS_PER_STEP`].
-pub const EXTRA_ROWS: usize = 8;
-/// Values in one row.
-pub const ROW: usize = BANDS * CHANNELS;
 /// Slope of the LeakyRelu below zero.
 const SLOPE: f32 = 0.2;
-/// The graph tensor the rows are read from (the input of conv2d_15).
-pub const CUT_LAYER: &str = "conv2d_15";
+/// The embedding model's last layer.
+const LAST_LAYER: usize = 19;
 
-/// Rows needed for `embeddings` consecutive embeddings.
-pub const fn rows_for(embeddings: usize) -> usize {
-    ROWS_PER_STEP * embeddings + EXTRA_ROWS
+/// The first of the embedding model's layers a top holds, and so where
+/// the model is cut and what the cut front end streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Depth {
+    /// conv2d_15–19: five layers, rows of 2 bands × 96.
+    From15,
+    /// conv2d_13–19: seven layers, rows of 4 bands × 96.
+    From13,
+    /// conv2d_11–19: nine layers, rows of 4 bands × 72.
+    From11,
+}
+
+impl Depth {
+    /// Every depth, shallowest first.
+    pub const ALL: [Depth; 3] = [Depth::From15, Depth::From13, Depth::From11];
+
+    /// The depth whose first layer is conv2d_`layer`.
+    pub fn from_layer(layer: usize) -> Option<Depth> {
+        Depth::ALL.into_iter().find(|d| d.first_layer() == layer)
+    }
+
+    /// The number of the first layer held (conv2d_N).
+    pub const fn first_layer(self) -> usize {
+        match self {
+            Depth::From15 => 15,
+            Depth::From13 => 13,
+            Depth::From11 => 11,
+        }
+    }
+
+    /// Layers held.
+    pub const fn layers(self) -> usize {
+        LAST_LAYER + 1 - self.first_layer()
+    }
+
+    /// Frequency bands of a row.
+    pub const fn bands(self) -> usize {
+        match self {
+            Depth::From15 => 2,
+            Depth::From13 | Depth::From11 => 4,
+        }
+    }
+
+    /// Channels of a row.
+    pub const fn channels(self) -> usize {
+        match self {
+            Depth::From11 => 72,
+            Depth::From15 | Depth::From13 => CHANNELS,
+        }
+    }
+
+    /// Values in one row.
+    pub const fn row(self) -> usize {
+        self.bands() * self.channels()
+    }
+
+    /// Rows a window spans beyond its own [`ROWS_PER_STEP`]: each time
+    /// convolution (every even layer) takes two.
+    pub const fn extra_rows(self) -> usize {
+        8 + (15 - self.first_layer())
+    }
+
+    /// Rows needed for `embeddings` consecutive embeddings.
+    pub const fn rows_for(self, embeddings: usize) -> usize {
+        ROWS_PER_STEP * embeddings + self.extra_rows()
+    }
+
+    /// The graph's name of the first layer, whose input the rows are.
+    pub fn cut_layer(self) -> String {
+        format!("conv2d_{}", self.first_layer())
+    }
 }
 
 /// Which axis a convolution slides over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Axis {
-    /// 1×3 over the two bands, zero-padded: as many positions out as in.
+    /// 1×3 over the bands, zero-padded: as many positions out as in.
     Bands,
     /// 3×1 over time, unpadded: two rows fewer out than in.
     Time,
 }
 
-/// One convolution as a matrix: `w` is [KERNEL * 96, 96], row `j * 96 + i`
+/// A max-pooling: `time` × `bands` windows with as large a stride.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    pub time: usize,
+    pub bands: usize,
+}
+
+/// Layer conv2d_`layer` of the embedding model: its axis, its input
+/// channels, and the pooling just before it (when the top holds the layer
+/// the pooling follows).
+pub fn layer_shape(depth: Depth, layer: usize) -> (Axis, usize, Option<Pool>) {
+    let axis = if layer % 2 == 1 && layer < LAST_LAYER {
+        Axis::Bands
+    } else {
+        Axis::Time
+    };
+    let cin = if layer == depth.first_layer() {
+        depth.channels()
+    } else {
+        CHANNELS
+    };
+    let pool = match layer {
+        15 if depth.first_layer() < 15 => Some(Pool { time: 1, bands: 2 }),
+        LAST_LAYER => Some(Pool { time: 2, bands: 2 }),
+        _ => None,
+    };
+    (axis, cin, pool)
+}
+
+/// One convolution as a matrix: `w` is [KERNEL * cin, 96], row `j * cin + i`
 /// for tap j and input channel i; `b` is empty for a layer with no bias.
 #[derive(Debug, Clone)]
 pub struct TopConv {
     pub axis: Axis,
+    /// Input channels.
+    pub cin: usize,
     pub w: Vec<f32>,
     pub b: Vec<f32>,
 }
 
-/// conv2d_15 to conv2d_19 with the model's activation constant.
+/// The embedding model's layers from `depth` to conv2d_19, with the
+/// model's activation constant.
 #[derive(Debug, Clone)]
 pub struct EmbeddingTop {
-    /// The five convolutions in order; the pooling sits before the last.
+    pub depth: Depth,
+    /// The convolutions in order (the poolings sit between them, see
+    /// [`layer_shape`]); every one but the last is activated.
     pub convs: Vec<TopConv>,
     /// The activation's lower clamp (the graph's `Maximum` constant).
     pub floor: f32,
 }
 
+/// What one convolution of a forward pass keeps for the backward pass.
+struct Step {
+    /// Its input as an im2col matrix.
+    col: Vec<f32>,
+    /// Its input's rows and bands.
+    len: usize,
+    bands: usize,
+    /// Pre-activation (activated layers only).
+    pre: Option<Vec<f32>>,
+    /// The pooling before it: per pooled value, the index of its maximum
+    /// in the pooling's input, and that input's size.
+    pool: Option<(Vec<usize>, usize)>,
+}
+
 /// What one example's forward pass keeps for its backward pass.
 pub struct TopTrace {
-    /// Rows in.
-    rows: usize,
-    /// Each convolution's input as an im2col matrix.
-    cols: Vec<Vec<f32>>,
-    /// Pre-activation of the four activated convolutions.
-    pre: Vec<Vec<f32>>,
-    /// Per pooled value, the index (into conv2d_18's output) of the maximum.
-    argmax: Vec<usize>,
+    steps: Vec<Step>,
     /// The embeddings, [n, 96].
     pub embeddings: Vec<f32>,
 }
@@ -105,9 +218,10 @@ pub struct TopGrads {
 }
 
 impl EmbeddingTop {
-    /// Reads conv2d_15..19 from openWakeWord's embedding model at `path`,
-    /// checking that the graph is the one this module implements.
-    pub fn load(path: &Path) -> Result<Self, ModelError> {
+    /// Reads conv2d_N..19 (N: `depth`'s first layer) from openWakeWord's
+    /// embedding model at `path`, checking that the graph is the one this
+    /// module implements.
+    pub fn load(path: &Path, depth: Depth) -> Result<Self, ModelError> {
         let fail = |e: TractError| ModelError::Load {
             path: path.to_path_buf(),
             reason: reason(&e),
@@ -124,8 +238,9 @@ impl EmbeddingTop {
         let nodes = &graph.node;
         let mut convs = Vec::new();
         let mut floor = None;
-        for layer in 15..=19 {
+        for layer in depth.first_layer()..=LAST_LAYER {
             let tag = format!("conv2d_{layer}/");
+            let (axis, cin, _) = layer_shape(depth, layer);
             let at = nodes
                 .iter()
                 .position(|n| n.op_type == "Conv" && n.name.contains(&tag))
@@ -136,26 +251,14 @@ impl EmbeddingTop {
                 .get(1)
                 .and_then(|n| find(n))
                 .ok_or_else(|| unexpected(path, &format!("{tag} has no constant weights")))?;
-            let dims: Vec<i64> = w.dims.clone();
-            let axis = match dims.as_slice() {
-                [96, 96, 1, 3] => Axis::Bands,
-                [96, 96, 3, 1] => Axis::Time,
-                other => {
-                    return Err(unexpected(
-                        path,
-                        &format!("{tag} weights are {other:?}, not 96×96×1×3 or ×3×1"),
-                    ));
-                }
+            let want: [i64; 4] = match axis {
+                Axis::Bands => [CHANNELS as i64, cin as i64, 1, KERNEL as i64],
+                Axis::Time => [CHANNELS as i64, cin as i64, KERNEL as i64, 1],
             };
-            let expected = if layer % 2 == 1 {
-                Axis::Bands
-            } else {
-                Axis::Time
-            };
-            if axis != expected && layer != 19 {
+            if w.dims != want {
                 return Err(unexpected(
                     path,
-                    &format!("{tag} slides over the wrong axis"),
+                    &format!("{tag} weights are {:?}, not {want:?}", w.dims),
                 ));
             }
             let values = floats(w).ok_or_else(|| unexpected(path, "weights are not f32"))?;
@@ -166,17 +269,16 @@ impl EmbeddingTop {
                     .ok_or_else(|| unexpected(path, &format!("{tag} bias is not 96 f32")))?,
                 None => Vec::new(),
             };
-            // ONNX [o, i, kh, kw] → [j * 96 + i, o].
-            let mut m = vec![0.0; KERNEL * CHANNELS * CHANNELS];
+            // ONNX [o, i, kh, kw] → [j * cin + i, o].
+            let mut m = vec![0.0; KERNEL * cin * CHANNELS];
             for o in 0..CHANNELS {
-                for i in 0..CHANNELS {
+                for i in 0..cin {
                     for j in 0..KERNEL {
-                        m[(j * CHANNELS + i) * CHANNELS + o] =
-                            values[(o * CHANNELS + i) * KERNEL + j];
+                        m[(j * cin + i) * CHANNELS + o] = values[(o * cin + i) * KERNEL + j];
                     }
                 }
             }
-            if layer < 19 {
+            if layer < LAST_LAYER {
                 let act = |k: usize, op: &str| {
                     nodes
                         .get(at + k)
@@ -214,25 +316,35 @@ impl EmbeddingTop {
                         ));
                     }
                 }
-            }
-            if layer == 18 {
-                let pool = nodes
-                    .get(at + 3)
-                    .filter(|n| n.op_type == "MaxPool")
-                    .ok_or_else(|| unexpected(path, "conv2d_18 is not followed by a MaxPool"))?;
-                let ints = |name: &str| {
-                    pool.attribute
-                        .iter()
-                        .find(|a| a.name == name)
-                        .map(|a| a.ints.clone())
-                };
-                if ints("kernel_shape") != Some(vec![2, 2]) || ints("strides") != Some(vec![2, 2]) {
-                    return Err(unexpected(path, "the last pooling is not 2×2, stride 2"));
+                if let (_, _, Some(p)) = layer_shape(depth, layer + 1) {
+                    let pool = nodes
+                        .get(at + 3)
+                        .filter(|n| n.op_type == "MaxPool")
+                        .ok_or_else(|| {
+                            unexpected(path, &format!("{tag} is not followed by a MaxPool"))
+                        })?;
+                    let ints = |name: &str| {
+                        pool.attribute
+                            .iter()
+                            .find(|a| a.name == name)
+                            .map(|a| a.ints.clone())
+                    };
+                    let want = Some(vec![p.time as i64, p.bands as i64]);
+                    if ints("kernel_shape") != want || ints("strides") != want {
+                        return Err(unexpected(
+                            path,
+                            &format!(
+                                "the pooling after {tag} is not {}×{}, stride {0}×{1}",
+                                p.time, p.bands
+                            ),
+                        ));
+                    }
                 }
             }
-            convs.push(TopConv { axis, w: m, b });
+            convs.push(TopConv { axis, cin, w: m, b });
         }
         Ok(EmbeddingTop {
+            depth,
             convs,
             floor: floor.ok_or_else(|| unexpected(path, "no activation"))?,
         })
@@ -241,26 +353,31 @@ impl EmbeddingTop {
     /// A top of random weights at the real sizes (He-normal kernels, small
     /// biases): benchmarks and tests of the arithmetic, not a start for
     /// training, which starts from the pretrained weights.
-    pub fn random(seed: u64) -> Self {
+    pub fn random(depth: Depth, seed: u64) -> Self {
         let mut rng = crate::intent::grammar::Rng::new(seed);
-        let scale = (2.0 / (KERNEL * CHANNELS) as f32).sqrt();
-        let axes = [Axis::Bands, Axis::Time, Axis::Bands, Axis::Time, Axis::Time];
-        let convs = axes
-            .iter()
-            .enumerate()
-            .map(|(i, &axis)| TopConv {
-                axis,
-                w: (0..KERNEL * CHANNELS * CHANNELS)
-                    .map(|_| rng.normal() * scale)
-                    .collect(),
-                b: if i < 4 {
-                    (0..CHANNELS).map(|_| rng.normal() * 0.1).collect()
-                } else {
-                    Vec::new()
-                },
+        let convs = (depth.first_layer()..=LAST_LAYER)
+            .map(|layer| {
+                let (axis, cin, _) = layer_shape(depth, layer);
+                let scale = (2.0 / (KERNEL * cin) as f32).sqrt();
+                TopConv {
+                    axis,
+                    cin,
+                    w: (0..KERNEL * cin * CHANNELS)
+                        .map(|_| rng.normal() * scale)
+                        .collect(),
+                    b: if layer < LAST_LAYER {
+                        (0..CHANNELS).map(|_| rng.normal() * 0.1).collect()
+                    } else {
+                        Vec::new()
+                    },
+                }
             })
             .collect();
-        EmbeddingTop { convs, floor: -0.4 }
+        EmbeddingTop {
+            depth,
+            convs,
+            floor: -0.4,
+        }
     }
 
     /// Number of parameters.
@@ -268,7 +385,8 @@ impl EmbeddingTop {
         self.convs.iter().map(|c| c.w.len() + c.b.len()).sum()
     }
 
-    /// The embeddings of `rows` ([R, 2, 96], R = 2n + 8): [n, 96].
+    /// The embeddings of `rows` ([R, bands, channels] of the depth,
+    /// R = 2n + extra rows): [n, 96].
     pub fn embed(&self, rows: &[f32]) -> Result<Vec<f32>, ModelError> {
         Ok(self.forward(rows)?.embeddings)
     }
@@ -290,46 +408,31 @@ impl EmbeddingTop {
 
     /// The forward pass of one example, keeping what the backward pass needs.
     pub fn forward(&self, rows: &[f32]) -> Result<TopTrace, ModelError> {
-        let r = rows.len() / ROW;
-        if !rows.len().is_multiple_of(ROW) || r < EXTRA_ROWS + ROWS_PER_STEP || !r.is_multiple_of(2)
-        {
+        let d = self.depth;
+        let row = d.row();
+        let r = rows.len() / row;
+        let least = d.extra_rows() + ROWS_PER_STEP;
+        if !rows.len().is_multiple_of(row) || r < least || !r.is_multiple_of(2) {
             return Err(ModelError::Input(format!(
-                "the embedding's top takes an even number ≥ {} of rows of {ROW} values, got {} values",
-                EXTRA_ROWS + ROWS_PER_STEP,
+                "the embedding's top from {} takes an even number ≥ {least} of rows of {row} values, got {} values",
+                d.cut_layer(),
                 rows.len()
             )));
         }
         let mut x = rows.to_vec();
-        let mut len = r;
-        let mut cols = Vec::with_capacity(5);
-        let mut pre = Vec::with_capacity(4);
-        let mut argmax = Vec::new();
+        let (mut len, mut bands) = (r, d.bands());
+        let mut steps = Vec::with_capacity(self.convs.len());
+        let last = self.convs.len() - 1;
         for (li, conv) in self.convs.iter().enumerate() {
-            let bands = if li == 4 { 1 } else { BANDS };
-            if li == 4 {
-                // Max-pool 2×2 over (time, bands), stride 2.
-                let out = len / 2;
-                let mut pooled = vec![0.0; out * CHANNELS];
-                argmax = vec![0; out * CHANNELS];
-                for t in 0..out {
-                    for c in 0..CHANNELS {
-                        let mut best = (f32::NEG_INFINITY, 0);
-                        for dt in 0..2 {
-                            for f in 0..BANDS {
-                                let i = ((2 * t + dt) * BANDS + f) * CHANNELS + c;
-                                if x[i] > best.0 {
-                                    best = (x[i], i);
-                                }
-                            }
-                        }
-                        pooled[t * CHANNELS + c] = best.0;
-                        argmax[t * CHANNELS + c] = best.1;
-                    }
-                }
+            let mut pool = None;
+            if let (_, _, Some(p)) = layer_shape(d, d.first_layer() + li) {
+                let (pooled, argmax, out_len) = max_pool(&x, len, bands, p);
+                pool = Some((argmax, x.len()));
                 x = pooled;
-                len = out;
+                len = out_len;
+                bands /= p.bands;
             }
-            let (col, out_len) = im2col(&x, len, bands, conv.axis);
+            let (col, out_len) = im2col(&x, len, bands, conv.cin, conv.axis);
             let positions = out_len * bands;
             let mut z = vec![0.0; positions * CHANNELS];
             if !conv.b.is_empty() {
@@ -339,7 +442,7 @@ impl EmbeddingTop {
             }
             gemm(
                 positions,
-                KERNEL * CHANNELS,
+                KERNEL * conv.cin,
                 CHANNELS,
                 &col,
                 false,
@@ -348,20 +451,24 @@ impl EmbeddingTop {
                 &mut z,
                 !conv.b.is_empty(),
             );
-            cols.push(col);
+            let mut step = Step {
+                col,
+                len,
+                bands,
+                pre: None,
+                pool,
+            };
             len = out_len;
-            if li < 4 {
+            if li < last {
                 x = z.iter().map(|&v| self.act(v)).collect();
-                pre.push(z);
+                step.pre = Some(z);
             } else {
                 x = z;
             }
+            steps.push(step);
         }
         Ok(TopTrace {
-            rows: r,
-            cols,
-            pre,
-            argmax,
+            steps,
             embeddings: x,
         })
     }
@@ -371,25 +478,21 @@ impl EmbeddingTop {
     pub fn backward(&self, trace: &TopTrace, d_embeddings: &[f32], grads: &mut TopGrads) {
         assert_eq!(d_embeddings.len(), trace.embeddings.len());
         let mut dy = d_embeddings.to_vec();
-        let mut len = trace.embeddings.len() / CHANNELS;
-        // Lengths of each conv's input, in rows.
-        let r = trace.rows;
-        let inputs = [r, r, r - 2, r - 2, (r - 4) / 2];
-        for li in (0..5).rev() {
+        for li in (0..self.convs.len()).rev() {
             let conv = &self.convs[li];
-            let bands = if li == 4 { 1 } else { BANDS };
-            if li < 4 {
-                for (g, &z) in dy.iter_mut().zip(&trace.pre[li]) {
+            let step = &trace.steps[li];
+            if let Some(pre) = &step.pre {
+                for (g, &z) in dy.iter_mut().zip(pre) {
                     *g *= self.act_grad(z);
                 }
             }
-            let positions = len * bands;
+            let positions = dy.len() / CHANNELS;
             let (gw, gb) = &mut grads.convs[li];
             gemm(
-                KERNEL * CHANNELS,
+                KERNEL * conv.cin,
                 positions,
                 CHANNELS,
-                &trace.cols[li],
+                &step.col,
                 true,
                 &dy,
                 false,
@@ -404,11 +507,11 @@ impl EmbeddingTop {
             if li == 0 {
                 break;
             }
-            let mut dcol = vec![0.0; positions * KERNEL * CHANNELS];
+            let mut dcol = vec![0.0; positions * KERNEL * conv.cin];
             gemm(
                 positions,
                 CHANNELS,
-                KERNEL * CHANNELS,
+                KERNEL * conv.cin,
                 &dy,
                 false,
                 &conv.w,
@@ -416,20 +519,18 @@ impl EmbeddingTop {
                 &mut dcol,
                 false,
             );
-            let in_len = inputs[li];
-            let dx = col2im(&dcol, in_len, bands, conv.axis);
-            if li == 4 {
+            let dx = col2im(&dcol, step.len, step.bands, conv.cin, conv.axis);
+            dy = match &step.pool {
                 // Back through the pooling: each gradient to its maximum.
-                let mut d = vec![0.0; (r - 4) * ROW];
-                for (g, &i) in dx.iter().zip(&trace.argmax) {
-                    d[i] += g;
+                Some((argmax, size)) => {
+                    let mut d = vec![0.0; *size];
+                    for (g, &i) in dx.iter().zip(argmax) {
+                        d[i] += g;
+                    }
+                    d
                 }
-                dy = d;
-                len = r - 4;
-            } else {
-                dy = dx;
-                len = in_len;
-            }
+                None => dx,
+            };
         }
     }
 
@@ -469,21 +570,48 @@ impl TopGrads {
     }
 }
 
-/// Input [len, bands, 96] → the convolution's im2col matrix
-/// [positions out, KERNEL * 96] and the rows out.
-fn im2col(x: &[f32], len: usize, bands: usize, axis: Axis) -> (Vec<f32>, usize) {
+/// Max-pools [len, bands, 96] by `p` (stride as the window): the pooled
+/// values, the index of each one's maximum, and the rows out.
+fn max_pool(x: &[f32], len: usize, bands: usize, p: Pool) -> (Vec<f32>, Vec<usize>, usize) {
+    let (out_len, out_bands) = (len / p.time, bands / p.bands);
+    let mut pooled = vec![0.0; out_len * out_bands * CHANNELS];
+    let mut argmax = vec![0; pooled.len()];
+    for t in 0..out_len {
+        for f in 0..out_bands {
+            for c in 0..CHANNELS {
+                let mut best = (f32::NEG_INFINITY, 0);
+                for dt in 0..p.time {
+                    for df in 0..p.bands {
+                        let i = ((p.time * t + dt) * bands + p.bands * f + df) * CHANNELS + c;
+                        if x[i] > best.0 {
+                            best = (x[i], i);
+                        }
+                    }
+                }
+                let o = (t * out_bands + f) * CHANNELS + c;
+                pooled[o] = best.0;
+                argmax[o] = best.1;
+            }
+        }
+    }
+    (pooled, argmax, out_len)
+}
+
+/// Input [len, bands, ch] → the convolution's im2col matrix
+/// [positions out, KERNEL * ch] and the rows out.
+fn im2col(x: &[f32], len: usize, bands: usize, ch: usize, axis: Axis) -> (Vec<f32>, usize) {
     let out_len = match axis {
         Axis::Bands => len,
         Axis::Time => len - (KERNEL - 1),
     };
-    let mut col = vec![0.0; out_len * bands * KERNEL * CHANNELS];
+    let mut col = vec![0.0; out_len * bands * KERNEL * ch];
     for t in 0..out_len {
         for f in 0..bands {
-            let dst = (t * bands + f) * KERNEL * CHANNELS;
+            let dst = (t * bands + f) * KERNEL * ch;
             for j in 0..KERNEL {
                 if let Some(src) = source(t, f, j, len, bands, axis) {
-                    col[dst + j * CHANNELS..dst + (j + 1) * CHANNELS]
-                        .copy_from_slice(&x[src..src + CHANNELS]);
+                    col[dst + j * ch..dst + (j + 1) * ch]
+                        .copy_from_slice(&x[src * ch..(src + 1) * ch]);
                 }
             }
         }
@@ -492,19 +620,19 @@ fn im2col(x: &[f32], len: usize, bands: usize, axis: Axis) -> (Vec<f32>, usize) 
 }
 
 /// The adjoint of [`im2col`]: sums each tap's gradient back onto its input.
-fn col2im(col: &[f32], len: usize, bands: usize, axis: Axis) -> Vec<f32> {
+fn col2im(col: &[f32], len: usize, bands: usize, ch: usize, axis: Axis) -> Vec<f32> {
     let out_len = match axis {
         Axis::Bands => len,
         Axis::Time => len - (KERNEL - 1),
     };
-    let mut x = vec![0.0; len * bands * CHANNELS];
+    let mut x = vec![0.0; len * bands * ch];
     for t in 0..out_len {
         for f in 0..bands {
-            let from = (t * bands + f) * KERNEL * CHANNELS;
+            let from = (t * bands + f) * KERNEL * ch;
             for j in 0..KERNEL {
                 if let Some(dst) = source(t, f, j, len, bands, axis) {
-                    let taps = &col[from + j * CHANNELS..from + (j + 1) * CHANNELS];
-                    x[dst..dst + CHANNELS]
+                    let taps = &col[from + j * ch..from + (j + 1) * ch];
+                    x[dst * ch..(dst + 1) * ch]
                         .iter_mut()
                         .zip(taps)
                         .for_each(|(a, b)| *a += b);
@@ -515,14 +643,15 @@ fn col2im(col: &[f32], len: usize, bands: usize, axis: Axis) -> Vec<f32> {
     x
 }
 
-/// Offset of tap `j`'s input for output position (t, f), if inside.
+/// The input position (row × bands + band) of tap `j` for output position
+/// (t, f), if inside.
 fn source(t: usize, f: usize, j: usize, len: usize, bands: usize, axis: Axis) -> Option<usize> {
     let (st, sf) = match axis {
         Axis::Bands => (t as isize, f as isize + j as isize - 1),
         Axis::Time => ((t + j) as isize, f as isize),
     };
     let inside = st >= 0 && (st as usize) < len && sf >= 0 && (sf as usize) < bands;
-    inside.then(|| ((st as usize) * bands + sf as usize) * CHANNELS)
+    inside.then(|| (st as usize) * bands + sf as usize)
 }
 
 /// A tensor's f32 values, from `float_data` or little-endian `raw_data`.

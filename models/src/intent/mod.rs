@@ -24,6 +24,7 @@ use crate::CHUNK_SAMPLES;
 use crate::error::ModelError;
 use crate::plan::OnnxPlan;
 use crate::wake::{EMBEDDING_DIM, EmbeddingMode, SpeechFrontEnd};
+use embedding_top::Depth;
 
 /// Embeddings an intent model looks at: 64 × 80 ms = 5.12 s of audio, the
 /// newest at the end.
@@ -75,9 +76,13 @@ pub enum Front {
     #[default]
     Embeddings,
     /// The rows before conv2d_15 and the real-window mask
-    /// ([`CUT_FEATURES`] values): [`CommandFront::load_cut`]. The model
-    /// holds its own trained copy of the embedding's top.
+    /// ([`Front::features`] values): [`CommandFront::load_cut`]. The model
+    /// holds its own trained copy of the embedding's top from there.
     Cut,
+    /// As `Cut`, the rows before conv2d_13.
+    Cut13,
+    /// As `Cut`, the rows before conv2d_11.
+    Cut11,
 }
 
 impl Front {
@@ -85,11 +90,38 @@ impl Front {
         *self == Front::Embeddings
     }
 
-    /// Values in one input.
-    pub fn features(self) -> usize {
+    /// The front of a model holding the embedding's top from `depth`.
+    pub fn cut(depth: Depth) -> Front {
+        match depth {
+            Depth::From15 => Front::Cut,
+            Depth::From13 => Front::Cut13,
+            Depth::From11 => Front::Cut11,
+        }
+    }
+
+    /// Where the embedding model is cut (`None`: it is not).
+    pub fn depth(self) -> Option<Depth> {
         match self {
-            Front::Embeddings => FEATURES,
-            Front::Cut => CUT_FEATURES,
+            Front::Embeddings => None,
+            Front::Cut => Some(Depth::From15),
+            Front::Cut13 => Some(Depth::From13),
+            Front::Cut11 => Some(Depth::From11),
+        }
+    }
+
+    /// Rows of the cut embedding model in one input: the ones the
+    /// [`FRAMES`] windows span (0 when not cut).
+    pub fn rows(self) -> usize {
+        self.depth().map_or(0, |d| d.rows_for(FRAMES))
+    }
+
+    /// Values in one input: [`FEATURES`], or cut the rows, then one value
+    /// per window (1: the window holds the command's stream; 0: the
+    /// embedding of silence stands there).
+    pub fn features(self) -> usize {
+        match self.depth() {
+            None => FEATURES,
+            Some(d) => self.rows() * d.row() + FRAMES,
         }
     }
 }
@@ -171,18 +203,14 @@ pub struct CommandFront {
     front: SpeechFrontEnd,
     silence: [i16; CHUNK_SAMPLES],
     partial: Vec<i16>,
-    /// Cut: the newest rows, one more than the features hold (allocated once).
-    rows: Option<Vec<f32>>,
+    /// Cut: where, and the newest rows, one more than the features hold
+    /// (allocated once).
+    rows: Option<(Depth, Vec<f32>)>,
 }
 
-/// Rows of the cut embedding model that the [`FRAMES`] windows span.
-pub const CUT_ROWS: usize = embedding_top::rows_for(FRAMES);
 /// Rows the cut stream runs ahead of the embeddings: the newest row belongs
 /// to a window whose embedding has not come out yet.
 const LEAD_ROWS: usize = 1;
-/// Values in one cut input: the rows, then one per window (1: the window
-/// holds the command's stream; 0: the embedding of silence stands there).
-pub const CUT_FEATURES: usize = CUT_ROWS * embedding_top::ROW + FRAMES;
 
 impl CommandFront {
     /// Loads the mel and embedding models (streaming embedding): the
@@ -204,27 +232,27 @@ impl CommandFront {
 
     /// The front end a model reading `front` needs.
     pub fn load_for(front: Front, mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
-        match front {
-            Front::Embeddings => Self::load(mel, embedding),
-            Front::Cut => Self::load_cut(mel, embedding),
+        match front.depth() {
+            None => Self::load(mel, embedding),
+            Some(depth) => Self::load_cut(mel, embedding, depth),
         }
     }
 
-    /// The front end cut before [`embedding_top::CUT_LAYER`]: the features
-    /// are the rows the newest [`FRAMES`] windows span ([`CUT_ROWS`] rows),
-    /// from which [`embedding_top::EmbeddingTop`] makes those windows'
-    /// embeddings, then which windows are real ([`CUT_FEATURES`] values).
-    pub fn load_cut(mel: &Path, embedding: &Path) -> Result<Self, ModelError> {
-        let keep = CUT_ROWS + LEAD_ROWS;
-        let front = SpeechFrontEnd::load_cut(mel, embedding, keep, embedding_top::CUT_LAYER)?;
-        if front.width() != embedding_top::ROW {
+    /// The front end cut before `depth`'s first layer: the features are
+    /// the rows the newest [`FRAMES`] windows span, from which
+    /// [`embedding_top::EmbeddingTop`] makes those windows' embeddings,
+    /// then which windows are real ([`Front::features`] values).
+    pub fn load_cut(mel: &Path, embedding: &Path, depth: Depth) -> Result<Self, ModelError> {
+        let keep = Front::cut(depth).rows() + LEAD_ROWS;
+        let front = SpeechFrontEnd::load_cut(mel, embedding, keep, &depth.cut_layer())?;
+        if front.width() != depth.row() {
             return Err(ModelError::Shape {
                 model: embedding.display().to_string(),
                 reason: format!(
                     "the input of {} has {} values per row, not {}",
-                    embedding_top::CUT_LAYER,
+                    depth.cut_layer(),
                     front.width(),
-                    embedding_top::ROW
+                    depth.row()
                 ),
             });
         }
@@ -232,7 +260,7 @@ impl CommandFront {
             front,
             silence: [0; CHUNK_SAMPLES],
             partial: Vec::with_capacity(CHUNK_SAMPLES),
-            rows: Some(vec![0.0; keep * embedding_top::ROW]),
+            rows: Some((depth, vec![0.0; keep * depth.row()])),
         })
     }
 
@@ -242,25 +270,25 @@ impl CommandFront {
     /// model on rows uses the embedding of silence for them instead.
     pub fn real_windows(&self) -> usize {
         let emitted = self.front.emitted() as usize;
-        let windows = if self.rows.is_some() {
-            emitted.saturating_sub(embedding_top::EXTRA_ROWS + LEAD_ROWS)
-                / embedding_top::ROWS_PER_STEP
-        } else {
-            emitted
+        let windows = match &self.rows {
+            Some((depth, _)) => {
+                emitted.saturating_sub(depth.extra_rows() + LEAD_ROWS)
+                    / embedding_top::ROWS_PER_STEP
+            }
+            None => emitted,
         };
         windows.min(FRAMES)
     }
 
     /// The features `finish` writes.
     pub fn front(&self) -> Front {
-        if self.rows.is_some() {
-            Front::Cut
-        } else {
-            Front::Embeddings
+        match &self.rows {
+            Some((depth, _)) => Front::cut(*depth),
+            None => Front::Embeddings,
         }
     }
 
-    /// Values `finish` writes: [`FEATURES`], or [`CUT_FEATURES`] when cut.
+    /// Values `finish` writes ([`Front::features`]).
     pub fn features(&self) -> usize {
         self.front().features()
     }
@@ -308,18 +336,21 @@ impl CommandFront {
         for _ in 0..TAIL_CHUNKS {
             self.front.push_chunk(&self.silence)?;
         }
+        let front = self.front();
         match &mut self.rows {
             None => self.front.copy_history(FRAMES, out),
-            Some(rows) => {
-                if out.len() != CUT_FEATURES {
+            Some((depth, rows)) => {
+                if out.len() != front.features() {
                     return Err(ModelError::Input(format!(
-                        "the cut features are {CUT_FEATURES} values, got room for {}",
+                        "the cut features are {} values, got room for {}",
+                        front.features(),
                         out.len()
                     )));
                 }
-                self.front.copy_history(CUT_ROWS + LEAD_ROWS, rows)?;
-                let (out_rows, mask) = out.split_at_mut(CUT_ROWS * embedding_top::ROW);
-                out_rows.copy_from_slice(&rows[..CUT_ROWS * embedding_top::ROW]);
+                let values = front.rows() * depth.row();
+                self.front.copy_history(front.rows() + LEAD_ROWS, rows)?;
+                let (out_rows, mask) = out.split_at_mut(values);
+                out_rows.copy_from_slice(&rows[..values]);
                 let real = self.real_windows();
                 for (w, m) in mask.iter_mut().enumerate() {
                     *m = if w >= FRAMES - real { 1.0 } else { 0.0 };
@@ -399,16 +430,14 @@ impl IntentModel {
             ));
         }
         let model_path = dir.join(MODEL_FILE);
-        let mut plan = match labels.front {
-            Front::Embeddings => OnnxPlan::load(&model_path, &[&[1, FRAMES, EMBEDDING_DIM]])?,
-            Front::Cut => OnnxPlan::load(
-                &model_path,
-                &[&[1, CUT_ROWS, embedding_top::ROW], &[1, FRAMES]],
-            )?,
+        let front = labels.front;
+        let mut plan = match front.depth() {
+            None => OnnxPlan::load(&model_path, &[&[1, FRAMES, EMBEDDING_DIM]])?,
+            Some(d) => OnnxPlan::load(&model_path, &[&[1, front.rows(), d.row()], &[1, FRAMES]])?,
         };
         // Check the outputs against the labels once, on silence.
         plan.input_mut(0)?.fill(0.0);
-        if labels.front == Front::Cut {
+        if front.depth().is_some() {
             plan.input_mut(1)?.fill(0.0);
         }
         let outs = plan.run_to_vecs()?;
@@ -443,10 +472,10 @@ impl IntentModel {
                 features.len()
             )));
         }
-        match self.labels.front {
-            Front::Embeddings => self.plan.input_mut(0)?.copy_from_slice(features),
-            Front::Cut => {
-                let (rows, mask) = features.split_at(CUT_ROWS * embedding_top::ROW);
+        match self.labels.front.depth() {
+            None => self.plan.input_mut(0)?.copy_from_slice(features),
+            Some(_) => {
+                let (rows, mask) = features.split_at(features.len() - FRAMES);
                 self.plan.input_mut(0)?.copy_from_slice(rows);
                 self.plan.input_mut(1)?.copy_from_slice(mask);
             }

@@ -19,7 +19,7 @@
 //! gradients, checked against finite differences in the tests. Matrix
 //! products go through `matrixmultiply`; a batch is split over threads.
 
-use crate::intent::embedding_top::{self, EmbeddingTop, TopGrads, TopTrace};
+use crate::intent::embedding_top::{EmbeddingTop, TopGrads, TopTrace};
 use crate::intent::grammar::Rng;
 
 /// Kernel width of every convolution.
@@ -250,7 +250,7 @@ impl Net {
         let t = self.shape.frames;
         match self.front {
             None => t * self.shape.dim,
-            Some(_) => embedding_top::rows_for(t) * embedding_top::ROW + t,
+            Some(ref f) => f.top.depth.rows_for(t) * f.top.depth.row() + t,
         }
     }
 
@@ -276,7 +276,8 @@ impl Net {
         if real == 0 {
             return (e, 0, None);
         }
-        let from = rows.len() - embedding_top::rows_for(real) * embedding_top::ROW;
+        let depth = front.top.depth;
+        let from = rows.len() - depth.rows_for(real) * depth.row();
         let trace = front
             .top
             .forward(&rows[from..])

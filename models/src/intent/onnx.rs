@@ -155,12 +155,10 @@ pub fn to_onnx_ensemble(nets: &[Net], doc: &str) -> Vec<u8> {
             name: "intent".to_string(),
             node: nodes,
             initializer: init,
-            input: if first.front.is_some() {
+            input: if let Some(front) = &first.front {
+                let depth = front.top.depth;
                 vec![
-                    value_info(
-                        ROWS_INPUT,
-                        &[1, embedding_top::rows_for(t), embedding_top::ROW],
-                    ),
+                    value_info(ROWS_INPUT, &[1, depth.rows_for(t), depth.row()]),
                     value_info(WINDOWS_INPUT, &[1, t]),
                 ]
             } else {
@@ -317,14 +315,19 @@ fn tuned_front(
         return INPUT.to_string();
     };
     let t = net.shape.frames;
-    let rows = embedding_top::rows_for(t);
+    let depth = front.top.depth;
+    let rows = depth.rows_for(t);
     let ch = embedding_top::CHANNELS;
-    let bands = embedding_top::BANDS;
-    // [1, R, bands * 96] → [1, R, bands, 96] → NCHW [1, 96, R, bands].
+    // [1, R, bands * channels] → [1, R, bands, channels] → NCHW [1, channels, R, bands].
     init.push(tensor_i64(
         &n("top.rows_shape"),
         &[4],
-        &[1, rows as i64, bands as i64, ch as i64],
+        &[
+            1,
+            rows as i64,
+            depth.bands() as i64,
+            depth.channels() as i64,
+        ],
     ));
     nodes.push(node(
         "Reshape",
@@ -340,26 +343,29 @@ fn tuned_front(
     ));
     init.push(tensor_f32(&n("top.floor"), &[1], &[front.top.floor]));
     let mut x = n("top.x");
+    let last = front.top.convs.len() - 1;
     for (li, conv) in front.top.convs.iter().enumerate() {
-        if li == 4 {
-            let pooled = n("top.pool");
+        if let (_, _, Some(p)) = embedding_top::layer_shape(depth, depth.first_layer() + li) {
+            let pooled = n(&format!("top.pool{li}"));
+            let window = [p.time as i64, p.bands as i64];
             nodes.push(node(
                 "MaxPool",
                 &[&x],
                 &pooled,
                 vec![
-                    attr_ints("kernel_shape", &[2, 2]),
-                    attr_ints("strides", &[2, 2]),
+                    attr_ints("kernel_shape", &window),
+                    attr_ints("strides", &window),
                 ],
             ));
             x = pooled;
         }
-        // Our layout [KERNEL * 96, 96] (row j * 96 + i) → ONNX [o, i, kh, kw].
-        let mut w = vec![0.0; ch * ch * KERNEL];
+        // Our layout [KERNEL * cin, 96] (row j * cin + i) → ONNX [o, i, kh, kw].
+        let cin = conv.cin;
+        let mut w = vec![0.0; ch * cin * KERNEL];
         for o in 0..ch {
-            for i in 0..ch {
+            for i in 0..cin {
                 for j in 0..KERNEL {
-                    w[(o * ch + i) * KERNEL + j] = conv.w[(j * ch + i) * ch + o];
+                    w[(o * cin + i) * KERNEL + j] = conv.w[(j * cin + i) * ch + o];
                 }
             }
         }
@@ -370,7 +376,7 @@ fn tuned_front(
         let wn = n(&format!("top.conv{li}.w"));
         init.push(tensor_f32(
             &wn,
-            &[ch, ch, kernel[0] as usize, kernel[1] as usize],
+            &[ch, cin, kernel[0] as usize, kernel[1] as usize],
             &w,
         ));
         let mut inputs = vec![x.clone(), wn];
@@ -392,7 +398,7 @@ fn tuned_front(
             ],
         ));
         x = z;
-        if li < 4 {
+        if li < last {
             let leaky = n(&format!("top.leaky{li}"));
             nodes.push(node(
                 "LeakyRelu",
