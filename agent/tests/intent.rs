@@ -100,6 +100,14 @@ fn train_small_context(dir: &Path, args: &[&str]) -> (PathBuf, String) {
     (out, text(&o.stderr))
 }
 
+/// Trains the small context on 300 sentences (10 for the test): the
+/// quickest run that still exercises an option end to end.
+fn train_tiny(dir: &Path, args: &[&str]) -> (PathBuf, String) {
+    let mut all = vec!["--utterances", "300", "--test-utterances", "10"];
+    all.extend_from_slice(args);
+    train_small_context(dir, &all)
+}
+
 /// Trains the small context once for every test of this file.
 fn small_model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
@@ -252,19 +260,7 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
 fn members_train_an_ensemble_that_infer_runs_as_one_model() {
     let single = metrics(small_model());
     let dir = tempfile::tempdir().expect("tempdir");
-    let (out, err) = train_small_context(
-        dir.path(),
-        &[
-            "--utterances",
-            "300",
-            "--test-utterances",
-            "10",
-            "--epochs",
-            "6",
-            "--members",
-            "2",
-        ],
-    );
+    let (out, err) = train_tiny(dir.path(), &["--epochs", "6", "--members", "2"]);
     assert!(err.contains("training network 2/2"), "{err}");
     let m = metrics(&out);
     assert_eq!(m["members"], 2);
@@ -303,13 +299,9 @@ fn members_train_an_ensemble_that_infer_runs_as_one_model() {
 fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
     let single = metrics(small_model());
     let dir = tempfile::tempdir().expect("tempdir");
-    let (out, err) = train_small_context(
+    let (out, err) = train_tiny(
         dir.path(),
         &[
-            "--utterances",
-            "300",
-            "--test-utterances",
-            "10",
             "--epochs",
             "4",
             "--members",
@@ -386,20 +378,9 @@ fn tune_front_trains_the_embeddings_top_into_a_model_that_infer_runs() {
 fn tune_front_from_conv2d_11_trains_the_nine_layers_into_a_model_that_infer_runs() {
     let single = metrics(small_model());
     let dir = tempfile::tempdir().expect("tempdir");
-    let (out, _) = train_small_context(
+    let (out, _) = train_tiny(
         dir.path(),
-        &[
-            "--utterances",
-            "300",
-            "--test-utterances",
-            "10",
-            "--epochs",
-            "3",
-            "--tune-front",
-            "11",
-            "--front-epochs",
-            "1",
-        ],
+        &["--epochs", "3", "--tune-front", "11", "--front-epochs", "1"],
     );
     // conv2d_11 (72 channels in) to conv2d_19: one 72×96×3 kernel, eight
     // 96×96×3, eight biases, on top of the small model's network.
