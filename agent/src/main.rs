@@ -112,6 +112,29 @@ enum IntentCommand {
         #[arg(long, value_name = "N", requires = "tune_front")]
         front_epochs: Option<usize>,
     },
+    /// Measure a trained model again on its held-out test clips (made again
+    /// from its context and seed), e.g. to compare two models clip by clip
+    Eval {
+        /// A model directory written by `kith intent train`
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Write the figures (metrics.json) and every clip's answer
+        /// (test_clips.jsonl) here (created)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// The training run's held-out test sentences [default: as its metrics.json records, else 200]
+        #[arg(long, value_name = "N")]
+        test_utterances: Option<usize>,
+        /// The training run's seed [default: as its metrics.json records, else 1]
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Threads for synthesis [default: all cores]
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Reuse (and keep) rendered test clips here, as `train --cache`
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
     /// Understand commands in WAV files (or directories of them)
     Infer {
         /// A model directory written by `kith intent train`
@@ -437,6 +460,28 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The acceptance table of a test, on stderr.
+fn print_measured(m: &kith::intent::train::Measured) {
+    eprintln!("  accepted [95 % interval] (wrong, top choice right) per test condition:");
+    for c in &m.conditions {
+        let (lo, hi) = c.accepted_interval();
+        eprintln!(
+            "  {:<26} {:5.1} % of {} [{lo:.1}–{hi:.1}] ({} wrong, {} top choice right)",
+            c.name,
+            100.0 * c.rate(),
+            c.clips,
+            c.wrong,
+            c.top_right
+        );
+    }
+    eprintln!(
+        "  out of grammar: {:.1} % falsely accepted ({} of {})",
+        100.0 * m.false_accept_rate(),
+        m.false_accepts,
+        m.out_of_grammar_clips
+    );
+}
+
 fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
     use kith::intent::{self, train};
     match cmd {
@@ -493,28 +538,57 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 report.parameters,
                 report.total_secs
             );
-            eprintln!("  accepted [95 % interval] (wrong, top choice right) per test condition:");
-            for c in &report.conditions {
-                let (lo, hi) = c.accepted_interval();
-                eprintln!(
-                    "  {:<26} {:5.1} % of {} [{lo:.1}–{hi:.1}] ({} wrong, {} top choice right)",
-                    c.name,
-                    100.0 * c.rate(),
-                    c.clips,
-                    c.wrong,
-                    c.top_right
-                );
-            }
-            eprintln!(
-                "  out of grammar: {:.1} % falsely accepted ({} of {})",
-                100.0 * report.false_accept_rate(),
-                report.false_accepts,
-                report.out_of_grammar_clips
-            );
+            print_measured(&report.measured);
             eprintln!(
                 "the model card is {}",
                 opts.out.join("MODEL_CARD.md").display()
             );
+            Ok(())
+        }
+        IntentCommand::Eval {
+            model,
+            out,
+            test_utterances,
+            seed,
+            threads,
+            cache,
+        } => {
+            if test_utterances == Some(0) {
+                bail!("--test-utterances must be at least 1");
+            }
+            let front = train::FrontFiles {
+                mel: store.require("melspectrogram")?,
+                embedding: store.require("embedding_model")?,
+            };
+            let opts = train::EvalOptions {
+                model,
+                seed,
+                test_utterances,
+                threads: threads
+                    .unwrap_or(train::TrainOptions::default().threads)
+                    .max(1),
+                cache,
+            };
+            let e = train::evaluate(&front, &opts)?;
+            eprintln!(
+                "{}: {} test clips ({} sentences, seed {}, {} test sentences asked), {:.2} ms per command",
+                opts.model.display(),
+                e.test_clips,
+                e.test_sentences,
+                e.seed,
+                e.test_utterances,
+                e.measured.infer_ms
+            );
+            print_measured(&e.measured);
+            if let Some(out) = out {
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("creating {}", out.display()))?;
+                std::fs::write(out.join(train::TEST_CLIPS_FILE), &e.measured.clip_lines)
+                    .with_context(|| format!("writing into {}", out.display()))?;
+                std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&e)?)
+                    .with_context(|| format!("writing into {}", out.display()))?;
+                eprintln!("wrote {}", out.display());
+            }
             Ok(())
         }
         IntentCommand::Infer { model, json, paths } => {

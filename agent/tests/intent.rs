@@ -876,6 +876,67 @@ fn infer_json(model: &Path, path: &Path) -> Output {
 }
 
 #[test]
+fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
+    let model = small_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("eval");
+    let o = kith(&["intent", "eval", "--model", p(model), "--out", p(&out)]);
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    // The seed and test size come from the model's metrics.json.
+    assert!(log.contains("seed 1, 30 test sentences asked"), "{log}");
+    assert!(log.contains("babble 12 dB"), "{log}");
+    // Clip by clip: the same sentences, voices and noise, and the same
+    // model on tract, give the same answers.
+    let trained = std::fs::read_to_string(model.join("test_clips.jsonl")).expect("clips");
+    let again = std::fs::read_to_string(out.join("test_clips.jsonl")).expect("eval clips");
+    assert!(!trained.is_empty());
+    assert_eq!(trained.lines().count(), again.lines().count());
+    for (a, b) in trained.lines().zip(again.lines()) {
+        let (a, b): (Value, Value) = (
+            serde_json::from_str(a).expect("json"),
+            serde_json::from_str(b).expect("json"),
+        );
+        for key in [
+            "condition",
+            "said",
+            "voice",
+            "rate",
+            "pitch",
+            "heard",
+            "understood",
+        ] {
+            assert_eq!(a[key], b[key], "{key}: {a} against {b}");
+        }
+        let (sa, sb) = (a["score"].as_f64(), b["score"].as_f64());
+        assert!(
+            matches!((sa, sb), (Some(x), Some(y)) if (x - y).abs() < 1e-4),
+            "{a} against {b}"
+        );
+    }
+    let (m, e) = (metrics(model), metrics(&out));
+    assert_eq!(m["conditions"], e["conditions"]);
+    assert_eq!(m["false_accepts"], e["false_accepts"]);
+
+    // A context that is not the model's own is refused: its test would be
+    // another test.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).expect("dir");
+    for f in ["intent.onnx", "labels.json", "context.yaml"] {
+        std::fs::copy(model.join(f), other.join(f)).expect("copy");
+    }
+    let yaml = std::fs::read_to_string(other.join("context.yaml")).expect("yaml");
+    std::fs::write(other.join("context.yaml"), yaml.replace("garden", "garage")).expect("write");
+    let o = kith(&["intent", "eval", "--model", p(&other)]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("is not the context the model was trained on"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_test_clips_are_the_same_whatever_the_training_data_size() {
     // Two runs with the same seed and cache but other --utterances: the
     // second finds the first's test clips in the cache, so figures of runs

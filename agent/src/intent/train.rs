@@ -289,9 +289,6 @@ pub struct Report {
     /// With several networks: each one alone, at its own calibrated
     /// threshold, accepted this share of the goal conditions' clips.
     pub member_goal_accepted: Vec<f64>,
-    /// Share of the goal conditions' clips (held-out voices, clean and at
-    /// 12 dB and above) the model accepted, right.
-    pub goal_accepted: f64,
     pub model_bytes: u64,
     /// One threshold for all intents, calibrated on the negatives alone.
     pub threshold: f32,
@@ -299,29 +296,18 @@ pub struct Report {
     /// model uses `threshold` for all).
     pub intent_thresholds: Vec<(String, f32)>,
     pub validation_accuracy: f32,
-    /// Acceptance per test condition: held-out voices clean, then each
-    /// noise at each SNR; then the held-out accent.
-    pub conditions: Vec<Condition>,
-    /// Held-out in-grammar test clips (every condition) whose top choice
-    /// was wrong, per head: `intent`, then each slot by name. Shows which
-    /// slot's phrases the model confuses.
-    pub head_errors: Vec<(String, usize)>,
-    /// Acceptance at 12 dB and above and false accepts, were the threshold
-    /// another: what moving `threshold` in `labels.json` would do.
-    pub tradeoff: Vec<Tradeoff>,
-    /// The most frequent intent mistakes on those clips: (said, heard,
-    /// clips), where heard `none` means "not a command".
-    pub intent_confusions: Vec<(String, String, usize)>,
     /// The negatives (validation and calibration) that scored highest.
     pub loudest_negatives: Vec<ScoredNegative>,
-    /// Out-of-grammar test clips reported understood.
-    pub false_accepts: usize,
-    pub out_of_grammar_clips: usize,
     pub synthesis_secs: f64,
     pub training_secs: f64,
     pub total_secs: f64,
-    /// Mean time of the intent network on tract per command, ms.
-    pub infer_ms: f64,
+    /// The seed the data was drawn with: with `test_utterances` and the
+    /// context, it makes the test clips again ([`evaluate`]).
+    pub seed: u64,
+    pub test_utterances: usize,
+    /// What the exported model answered on the test.
+    #[serde(flatten)]
+    pub measured: Measured,
 }
 
 /// A validation or calibration clip that must not be understood, and what it was heard as.
@@ -353,12 +339,6 @@ pub struct Tradeoff {
     pub accepted: f64,
     /// Share of out-of-grammar clips accepted.
     pub false_accepts: f64,
-}
-
-impl Report {
-    pub fn false_accept_rate(&self) -> f64 {
-        self.false_accepts as f64 / self.out_of_grammar_clips.max(1) as f64
-    }
 }
 
 /// The grammar file's hash, as `labels.json` records it.
@@ -518,11 +498,31 @@ fn front_of(opts: &TrainOptions) -> Front {
     opts.tune_front.map_or(Front::Embeddings, Front::cut)
 }
 
+/// How clips become features: which front end, on how many threads, and
+/// where they are cached.
+struct Rendering<'a> {
+    front: Front,
+    threads: usize,
+    cache: Option<&'a Path>,
+    noise_dirs: &'a [PathBuf],
+}
+
+impl<'a> Rendering<'a> {
+    fn of(opts: &'a TrainOptions) -> Self {
+        Rendering {
+            front: front_of(opts),
+            threads: opts.threads,
+            cache: opts.cache.as_deref(),
+            noise_dirs: &opts.noise_dirs,
+        }
+    }
+}
+
 /// The name of the cache entry for `jobs`' features: a digest of the jobs
 /// (text, voice, rate, pitch, speed, augmentation and seed), of the babble
 /// tracks' samples (clips cut from other babble are other clips, whatever
 /// their recipe says) and of the noise recordings' paths.
-fn cache_key(jobs: &[Job], bank: &NoiseBank, opts: &TrainOptions) -> String {
+fn cache_key(jobs: &[Job], bank: &NoiseBank, how: &Rendering) -> String {
     let mut babble = Sha256::new();
     for t in &bank.babble {
         babble.update((t.len() as u64).to_le_bytes());
@@ -532,14 +532,14 @@ fn cache_key(jobs: &[Job], bank: &NoiseBank, opts: &TrainOptions) -> String {
     }
     grammar_hash(&format!(
         "features v2 {}{} {jobs:?} {:?} {} {:x}",
-        front_of(opts).features(),
-        match opts.tune_front {
+        how.front.features(),
+        match how.front.depth() {
             None => String::new(),
             // As before depths could be chosen, so that older caches still match.
             Some(Depth::From15) => " cut".to_string(),
             Some(d) => format!(" cut{}", d.first_layer()),
         },
-        opts.noise_dirs,
+        how.noise_dirs,
         bank.recorded.len(),
         babble.finalize()
     ))
@@ -613,14 +613,14 @@ fn render_cached(
     jobs: &[Job],
     front: &FrontFiles,
     bank: &NoiseBank,
-    opts: &TrainOptions,
+    how: &Rendering,
     label: &str,
 ) -> Result<Vec<Vec<f32>>> {
-    let kind = front_of(opts);
-    let Some(dir) = &opts.cache else {
-        return render(jobs, front, kind, bank, opts.threads, label);
+    let kind = how.front;
+    let Some(dir) = how.cache else {
+        return render(jobs, front, kind, bank, how.threads, label);
     };
-    let key = cache_key(jobs, bank, opts);
+    let key = cache_key(jobs, bank, how);
     let path = dir.join(format!("{key}.f32"));
     let size = kind.features();
     if let Ok(bytes) = std::fs::read(&path)
@@ -640,7 +640,7 @@ fn render_cached(
             })
             .collect());
     }
-    let features = render(jobs, front, kind, bank, opts.threads, label)?;
+    let features = render(jobs, front, kind, bank, how.threads, label)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let bytes: Vec<u8> = features
         .iter()
@@ -729,6 +729,219 @@ fn render(
         .collect()
 }
 
+/// A voice, rate, pitch and speed from `set`: training perturbs the speed,
+/// the test hears voices as they are.
+fn voice_of(rng: &mut Rng, set: &VoiceSet) -> (Voice, u32, u32, f32) {
+    let (lo, hi) = voices::TRAIN_SPEED;
+    let speed = if set.split == Split::Train {
+        rng.range(lo, hi)
+    } else {
+        1.0
+    };
+    (
+        pick(&set.voices, rng).clone(),
+        *pick(&set.rates, rng),
+        25 + rng.below(50) as u32,
+        speed,
+    )
+}
+
+/// The babble (and recorded noise) training mixes in, and the test's own
+/// babble: training babble from training voices and out-of-grammar
+/// sentences, test babble from test ones. Both are drawn from `rng`, in
+/// that order, so the test's babble follows from the seed alone.
+fn noise_banks(
+    oog_train: &[String],
+    oog_test: &[String],
+    train_voices: &VoiceSet,
+    test_voices: &VoiceSet,
+    noise_dirs: &[PathBuf],
+    rng: &mut Rng,
+) -> Result<(NoiseBank, NoiseBank)> {
+    let train = NoiseBank {
+        babble: babble_bank(oog_train, train_voices, rng, 16)?,
+        recorded: read_noise(noise_dirs)?,
+    };
+    let test = NoiseBank {
+        babble: babble_bank(oog_test, test_voices, rng, 8)?,
+        recorded: Vec::new(),
+    };
+    Ok((train, test))
+}
+
+/// Held-out sentences, per intent: chosen first and never trained on, so
+/// that training still hears every intent, word and slot value (see
+/// [`Grammar::hold_out`]).
+struct HeldOut {
+    sentences: Vec<Vec<Utterance>>,
+    /// The intents that have any (an intent with under 3 distinct
+    /// sentences has none).
+    tested: Vec<usize>,
+}
+
+impl HeldOut {
+    fn of(grammar: &Grammar, seed: u64, test_utterances: usize) -> HeldOut {
+        let n_intents = grammar.intents.len();
+        let sentences = grammar.hold_out(seed, test_utterances.div_ceil(n_intents.max(1)).max(1));
+        let tested = (0..n_intents)
+            .filter(|&i| sentences.get(i).is_some_and(|s| !s.is_empty()))
+            .collect();
+        HeldOut { sentences, tested }
+    }
+
+    fn texts(&self) -> HashSet<String> {
+        self.sentences
+            .iter()
+            .flatten()
+            .map(|u| u.text.clone())
+            .collect()
+    }
+}
+
+/// The held-out test: its clips, the conditions they are heard in, and
+/// which of those the goal speaks of. It follows from the grammar, the
+/// seed and the number of test sentences alone, so a model can be
+/// measured again on the very clips its training run measured it on
+/// ([`evaluate`]).
+struct TestSet {
+    jobs: Vec<Job>,
+    /// The in-grammar conditions (clean, each noise at each SNR, the
+    /// accent); out-of-grammar clips have condition `oog_condition`.
+    conditions: Vec<Condition>,
+    /// Per condition: held-out voices at 12 dB SNR and above.
+    goal: Vec<bool>,
+    oog_condition: usize,
+}
+
+impl TestSet {
+    fn new(
+        grammar: &Grammar,
+        held_out: &HeldOut,
+        oog_test: &[String],
+        test_voices: &VoiceSet,
+        accent_voices: &VoiceSet,
+        seed: u64,
+        test_utterances: usize,
+    ) -> Result<TestSet> {
+        let none_class = grammar.intents.len() as u16;
+        let tested = &held_out.tested;
+        // Test jobs: sentences never trained on, test voices and rates, each
+        // clean and at every SNR in babble and in pink noise; and the accent
+        // no training voice has, clean and in babble at 12 dB.
+        let mut specs: Vec<(Condition, Split, Noise)> =
+            vec![(Condition::new("clean".into()), Split::Test, None)];
+        for kind in [NoiseKind::Babble, NoiseKind::Pink] {
+            for snr in TEST_SNRS {
+                specs.push((
+                    Condition::new(format!("{} {snr:.0} dB", kind.name())),
+                    Split::Test,
+                    Some((kind, snr)),
+                ));
+            }
+        }
+        let accent = voices::HELD_OUT_ACCENT;
+        specs.push((
+            Condition::new(format!("accent {accent}, clean")),
+            Split::Accent,
+            None,
+        ));
+        specs.push((
+            Condition::new(format!("accent {accent}, babble 12 dB")),
+            Split::Accent,
+            Some((NoiseKind::Babble, 12.0)),
+        ));
+        if tested.is_empty() {
+            bail!(
+                "no intent of the grammar has 3 or more distinct sentences: nothing can be held out of training for the test"
+            );
+        }
+        // The test's own random stream: its voices, rates and noise are the
+        // same whatever the training data's size, so runs with other
+        // `--utterances` are measured on the very same clips.
+        let mut test_rng = Rng::new(seed ^ 0x7465_7374_5f63_6c69);
+        let mut test_jobs = Vec::new();
+        for k in 0..test_utterances.max(1) {
+            // Intents in turn, each one's held-out sentences in turn, each time
+            // by a random voice of each test split (the same one under every
+            // noise).
+            let sentences = &held_out.sentences[tested[k % tested.len()]];
+            let u = &sentences[(k / tested.len()) % sentences.len()];
+            let targets = targets_of(grammar, u);
+            let test_voice = voice_of(&mut test_rng, test_voices);
+            let accent_voice = voice_of(&mut test_rng, accent_voices);
+            for (ci, (_, split, noise)) in specs.iter().enumerate() {
+                let (voice, rate, pitch, speed) = if *split == Split::Accent {
+                    accent_voice.clone()
+                } else {
+                    test_voice.clone()
+                };
+                test_jobs.push(Job {
+                    text: u.text.clone(),
+                    voice,
+                    rate,
+                    pitch,
+                    speed,
+                    recipe: Recipe {
+                        lead_ms: 300,
+                        tail_ms: 300,
+                        noise: *noise,
+                        reverb: None,
+                        gain_db: 0.0,
+                    },
+                    targets: targets.clone(),
+                    condition: ci,
+                    seed: test_rng.next_u64(),
+                    kind: Kind::Command,
+                });
+            }
+        }
+        // The conditions the goal speaks of: held-out voices at 12 dB SNR and above.
+        let goal: Vec<bool> = specs
+            .iter()
+            .map(|(_, split, noise)| {
+                *split == Split::Test && noise.is_none_or(|(_, snr)| snr >= 12.0)
+            })
+            .collect();
+        let conditions: Vec<Condition> = specs.into_iter().map(|(c, _, _)| c).collect();
+        let oog_condition = conditions.len();
+        for (i, text) in oog_test.iter().enumerate() {
+            for noisy in [false, true] {
+                let (voice, rate, pitch, speed) = voice_of(&mut test_rng, test_voices);
+                let mut targets = vec![None; 1 + grammar.slots.len()];
+                targets[0] = Some(none_class);
+                test_jobs.push(Job {
+                    text: text.clone(),
+                    voice,
+                    rate,
+                    pitch,
+                    speed,
+                    recipe: Recipe {
+                        noise: noisy.then_some((
+                            if i % 2 == 0 {
+                                NoiseKind::Babble
+                            } else {
+                                NoiseKind::Pink
+                            },
+                            12.0,
+                        )),
+                        ..Recipe::clean()
+                    },
+                    targets,
+                    condition: oog_condition,
+                    seed: test_rng.next_u64(),
+                    kind: Kind::Everyday,
+                });
+            }
+        }
+        Ok(TestSet {
+            jobs: test_jobs,
+            conditions,
+            goal,
+            oog_condition,
+        })
+    }
+}
+
 fn pick<'a, T>(v: &'a [T], rng: &mut Rng) -> &'a T {
     &v[rng.below(v.len())]
 }
@@ -777,47 +990,21 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         bail!("every built-in out-of-grammar sentence is in this grammar: it accepts too much");
     }
     let synth_started = Instant::now();
-    let train_bank = NoiseBank {
-        babble: babble_bank(&oog_train, &train_voices, &mut rng, 16)?,
-        recorded: read_noise(&opts.noise_dirs)?,
-    };
-    let test_bank = NoiseBank {
-        babble: babble_bank(&oog_test, &test_voices, &mut rng, 8)?,
-        recorded: Vec::new(),
-    };
-
-    // Held-out sentences, chosen first and never trained on, per intent,
-    // so that training still hears every intent, word and slot value (see
-    // `Grammar::hold_out`).
-    let held_out = grammar.hold_out(
-        opts.seed,
-        opts.test_utterances.div_ceil(n_intents.max(1)).max(1),
-    );
-    let held_texts: HashSet<String> = held_out.iter().flatten().map(|u| u.text.clone()).collect();
-    let tested: Vec<usize> = (0..n_intents)
-        .filter(|&i| !held_out[i].is_empty())
-        .collect();
+    let (train_bank, test_bank) = noise_banks(
+        &oog_train,
+        &oog_test,
+        &train_voices,
+        &test_voices,
+        &opts.noise_dirs,
+        &mut rng,
+    )?;
+    let held_out = HeldOut::of(&grammar, opts.seed, opts.test_utterances);
+    let held_texts: HashSet<String> = held_out.texts();
 
     // Training jobs.
     let mut sampler = grammar.sampler(opts.seed);
     let mut jobs = Vec::new();
     let mut said = Vec::new();
-    // A voice, rate, pitch and speed: training perturbs the speed, the test
-    // hears voices as they are.
-    let voice_of = |rng: &mut Rng, set: &VoiceSet| {
-        let (lo, hi) = voices::TRAIN_SPEED;
-        let speed = if set.split == Split::Train {
-            rng.range(lo, hi)
-        } else {
-            1.0
-        };
-        (
-            pick(&set.voices, rng).clone(),
-            *pick(&set.rates, rng),
-            25 + rng.below(50) as u32,
-            speed,
-        )
-    };
     // A training clip of `text`: a random training voice, rate, pitch and
     // speed, then a training recipe, then the clip's own seed (in that order).
     let training_job = |text: String, targets: Vec<Option<u16>>, rng: &mut Rng| {
@@ -916,112 +1103,15 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         jobs.push(training_job(text, targets, &mut rng));
     }
 
-    // Test jobs: sentences never trained on, test voices and rates, each
-    // clean and at every SNR in babble and in pink noise; and the accent
-    // no training voice has, clean and in babble at 12 dB.
-    let mut specs: Vec<(Condition, Split, Noise)> =
-        vec![(Condition::new("clean".into()), Split::Test, None)];
-    for kind in [NoiseKind::Babble, NoiseKind::Pink] {
-        for snr in TEST_SNRS {
-            specs.push((
-                Condition::new(format!("{} {snr:.0} dB", kind.name())),
-                Split::Test,
-                Some((kind, snr)),
-            ));
-        }
-    }
-    let accent = voices::HELD_OUT_ACCENT;
-    specs.push((
-        Condition::new(format!("accent {accent}, clean")),
-        Split::Accent,
-        None,
-    ));
-    specs.push((
-        Condition::new(format!("accent {accent}, babble 12 dB")),
-        Split::Accent,
-        Some((NoiseKind::Babble, 12.0)),
-    ));
-    if tested.is_empty() {
-        bail!(
-            "no intent of the grammar has 3 or more distinct sentences: nothing can be held out of training for the test"
-        );
-    }
-    // The test's own random stream: its voices, rates and noise are the
-    // same whatever the training data's size, so runs with other
-    // `--utterances` are measured on the very same clips.
-    let mut test_rng = Rng::new(opts.seed ^ 0x7465_7374_5f63_6c69);
-    let mut test_jobs = Vec::new();
-    for k in 0..opts.test_utterances.max(1) {
-        // Intents in turn, each one's held-out sentences in turn, each time
-        // by a random voice of each test split (the same one under every
-        // noise).
-        let sentences = &held_out[tested[k % tested.len()]];
-        let u = &sentences[(k / tested.len()) % sentences.len()];
-        let targets = targets_of(&grammar, u);
-        let test_voice = voice_of(&mut test_rng, &test_voices);
-        let accent_voice = voice_of(&mut test_rng, &accent_voices);
-        for (ci, (_, split, noise)) in specs.iter().enumerate() {
-            let (voice, rate, pitch, speed) = if *split == Split::Accent {
-                accent_voice.clone()
-            } else {
-                test_voice.clone()
-            };
-            test_jobs.push(Job {
-                text: u.text.clone(),
-                voice,
-                rate,
-                pitch,
-                speed,
-                recipe: Recipe {
-                    lead_ms: 300,
-                    tail_ms: 300,
-                    noise: *noise,
-                    reverb: None,
-                    gain_db: 0.0,
-                },
-                targets: targets.clone(),
-                condition: ci,
-                seed: test_rng.next_u64(),
-                kind: Kind::Command,
-            });
-        }
-    }
-    // The conditions the goal speaks of: held-out voices at 12 dB SNR and above.
-    let goal: Vec<bool> = specs
-        .iter()
-        .map(|(_, split, noise)| *split == Split::Test && noise.is_none_or(|(_, snr)| snr >= 12.0))
-        .collect();
-    let mut conditions: Vec<Condition> = specs.into_iter().map(|(c, _, _)| c).collect();
-    let oog_condition = conditions.len();
-    for (i, text) in oog_test.iter().enumerate() {
-        for noisy in [false, true] {
-            let (voice, rate, pitch, speed) = voice_of(&mut test_rng, &test_voices);
-            let mut targets = vec![None; 1 + grammar.slots.len()];
-            targets[0] = Some(none_class);
-            test_jobs.push(Job {
-                text: text.clone(),
-                voice,
-                rate,
-                pitch,
-                speed,
-                recipe: Recipe {
-                    noise: noisy.then_some((
-                        if i % 2 == 0 {
-                            NoiseKind::Babble
-                        } else {
-                            NoiseKind::Pink
-                        },
-                        12.0,
-                    )),
-                    ..Recipe::clean()
-                },
-                targets,
-                condition: oog_condition,
-                seed: test_rng.next_u64(),
-                kind: Kind::Everyday,
-            });
-        }
-    }
+    let mut test = TestSet::new(
+        &grammar,
+        &held_out,
+        &oog_test,
+        &test_voices,
+        &accent_voices,
+        opts.seed,
+        opts.test_utterances,
+    )?;
 
     // Calibration jobs: everyday sentences no network trains on, by
     // training voices in training recipes (the test's voices stay unheard
@@ -1052,25 +1142,26 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     // espeak-ng's own voices of the same split instead.
     let respoken = give_unsayable_another_voice(&mut jobs, &train_voices, voices::can_say)?
         + give_unsayable_another_voice(&mut calibration_jobs, &train_voices, voices::can_say)?
-        + give_unsayable_another_voice(&mut test_jobs, &test_voices, voices::can_say)?;
+        + give_unsayable_another_voice(&mut test.jobs, &test_voices, voices::can_say)?;
     if respoken > 0 {
         eprintln!(
             "{respoken} clips were given another voice: their MBROLA voice cannot say every sound of the sentence"
         );
     }
 
+    let how = Rendering::of(opts);
     let train_features = render_cached(
         &jobs,
         front,
         &train_bank,
-        opts,
+        &how,
         "synthesizing training clips",
     )?;
     let calibration_examples: Vec<Example> = render_cached(
         &calibration_jobs,
         front,
         &train_bank,
-        opts,
+        &how,
         "synthesizing calibration clips",
     )?
     .into_iter()
@@ -1081,10 +1172,10 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     })
     .collect();
     let test_features = render_cached(
-        &test_jobs,
+        &test.jobs,
         front,
         &test_bank,
-        opts,
+        &how,
         "synthesizing test clips",
     )?;
     let synthesis_secs = synth_started.elapsed().as_secs_f64();
@@ -1197,10 +1288,11 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     // Each member alone, on the goal conditions at its own threshold: what
     // the ensemble adds.
     let member_goal_accepted: Vec<f64> = if members > 1 {
-        let goal_jobs: Vec<(&Job, &Vec<f32>)> = test_jobs
+        let goal_jobs: Vec<(&Job, &Vec<f32>)> = test
+            .jobs
             .iter()
             .zip(&test_features)
-            .filter(|(j, _)| goal.get(j.condition).copied().unwrap_or(false))
+            .filter(|(j, _)| test.goal.get(j.condition).copied().unwrap_or(false))
             .collect();
         nets.iter()
             .map(|net| {
@@ -1236,12 +1328,231 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     .with_context(|| format!("writing {}", opts.out.join(LABELS_FILE).display()))?;
     std::fs::write(opts.out.join("context.yaml"), &text)?;
     let mut model = IntentModel::load(&opts.out).context("loading the exported model on tract")?;
+    let measured = measure(&mut model, &test, &test_features)?;
+    let report = Report {
+        grammar_sha256: sha,
+        intents: n_intents,
+        slots: grammar.slots.len(),
+        train_clips: examples.len(),
+        negative_clips: negatives,
+        validation_clips: validation.len(),
+        calibration_clips: calibration_examples.len(),
+        calibration,
+        test_clips: test.jobs.len(),
+        test_sentences: held_texts.len(),
+        untested_intents: (0..n_intents)
+            .filter(|i| !held_out.tested.contains(i))
+            .map(|i| labels.intents[i].clone())
+            .collect(),
+        train_voices: train_voices.voices.len(),
+        test_voices: test_voices.voices.len(),
+        accent_voices: accent_voices.voices.len(),
+        held_out_accent: voices::HELD_OUT_ACCENT.to_string(),
+        mbrola_voices: train_voices.mbrola + test_voices.mbrola,
+        train_rates: train_voices.rates.clone(),
+        test_rates: test_voices.rates.clone(),
+        noise_recordings: train_bank.recorded.len(),
+        parameters: nets.iter().map(Net::parameters).sum(),
+        members,
+        epochs: opts.epochs,
+        front_epochs: if opts.tune_front.is_some() {
+            kith_models::intent::net::tuned_epochs(opts.epochs, opts.front_epochs)
+        } else {
+            0
+        },
+        member_goal_accepted,
+        model_bytes: std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0),
+        threshold: labels.threshold,
+        intent_thresholds: labels
+            .intents
+            .iter()
+            .filter_map(|n| Some((n.clone(), *labels.intent_thresholds.get(n)?)))
+            .collect(),
+        validation_accuracy,
+        loudest_negatives,
+        synthesis_secs,
+        training_secs,
+        total_secs: started.elapsed().as_secs_f64(),
+        seed: opts.seed,
+        test_utterances: opts.test_utterances,
+        measured,
+    };
+    std::fs::write(opts.out.join(TEST_CLIPS_FILE), &report.measured.clip_lines)
+        .with_context(|| format!("writing {}", opts.out.join(TEST_CLIPS_FILE).display()))?;
+    std::fs::write(
+        opts.out.join("metrics.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(
+        opts.out.join("MODEL_CARD.md"),
+        card(&opts.context, &labels, &report),
+    )?;
+    Ok(report)
+}
+
+/// What to measure again: a trained model on its own test clips.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// A directory `kith intent train` wrote.
+    pub model: PathBuf,
+    /// The training run's seed and test sentences (`None`: what the
+    /// model's `metrics.json` records, else the trainer's defaults).
+    pub seed: Option<u64>,
+    pub test_utterances: Option<usize>,
+    pub threads: usize,
+    pub cache: Option<PathBuf>,
+}
+
+/// What [`evaluate`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub grammar_sha256: String,
+    pub seed: u64,
+    pub test_utterances: usize,
+    pub test_clips: usize,
+    pub test_sentences: usize,
+    pub synthesis_secs: f64,
+    #[serde(flatten)]
+    pub measured: Measured,
+}
+
+/// Measures a trained model again on the held-out test its training run
+/// measured it on: the same sentences, voices and noise, made again from
+/// the model's context, the seed and the number of test sentences. Two
+/// models trained from one context and seed are so measured on the very
+/// same clips, whenever each was trained, and their
+/// [`TEST_CLIPS_FILE`]s compare clip by clip.
+pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
+    let mut model = IntentModel::load(&opts.model)
+        .with_context(|| format!("loading the intent model {}", opts.model.display()))?;
+    let context = opts.model.join("context.yaml");
+    let (text, grammar) = read_context(&context)?;
+    let sha = grammar_hash(&text);
+    if sha != model.labels().grammar_sha256 {
+        bail!(
+            "{} is not the context the model was trained on (sha256 {sha}, the model's labels say {})",
+            context.display(),
+            model.labels().grammar_sha256
+        );
+    }
+    // What the training run recorded (older models recorded neither).
+    let recorded: serde_json::Value = std::fs::read_to_string(opts.model.join("metrics.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let defaults = TrainOptions::default();
+    let seed = opts
+        .seed
+        .or_else(|| recorded["seed"].as_u64())
+        .unwrap_or(defaults.seed);
+    let test_utterances = opts
+        .test_utterances
+        .or_else(|| recorded["test_utterances"].as_u64().map(|n| n as usize))
+        .unwrap_or(defaults.test_utterances);
+
+    let train_voices = voices::voices(Split::Train)?;
+    let test_voices = voices::voices(Split::Test)?;
+    let accent_voices = voices::voices(Split::Accent)?;
+    let oog_train = out_of_grammar(&grammar, Part::Train);
+    let oog_test = out_of_grammar(&grammar, Part::Test);
+    if oog_train.is_empty() || oog_test.is_empty() {
+        bail!("every built-in out-of-grammar sentence is in this grammar: it accepts too much");
+    }
+    let started = Instant::now();
+    // The training babble is made (and dropped) only to draw the test's
+    // babble from the same point of the seed's stream as training did.
+    let mut rng = Rng::new(seed);
+    let (_, test_bank) = noise_banks(
+        &oog_train,
+        &oog_test,
+        &train_voices,
+        &test_voices,
+        &[],
+        &mut rng,
+    )?;
+    let held_out = HeldOut::of(&grammar, seed, test_utterances);
+    let mut test = TestSet::new(
+        &grammar,
+        &held_out,
+        &oog_test,
+        &test_voices,
+        &accent_voices,
+        seed,
+        test_utterances,
+    )?;
+    give_unsayable_another_voice(&mut test.jobs, &test_voices, voices::can_say)?;
+    let how = Rendering {
+        front: model.labels().front,
+        threads: opts.threads,
+        cache: opts.cache.as_deref(),
+        noise_dirs: &[],
+    };
+    let features = render_cached(
+        &test.jobs,
+        front,
+        &test_bank,
+        &how,
+        "synthesizing test clips",
+    )?;
+    let synthesis_secs = started.elapsed().as_secs_f64();
+    let measured = measure(&mut model, &test, &features)?;
+    Ok(Evaluation {
+        grammar_sha256: sha,
+        seed,
+        test_utterances,
+        test_clips: test.jobs.len(),
+        test_sentences: held_out.texts().len(),
+        synthesis_secs,
+        measured,
+    })
+}
+
+/// What the model answered on the held-out test (part of `metrics.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Measured {
+    /// Share of the goal conditions' clips (held-out voices, clean and at
+    /// 12 dB and above) the model accepted, right.
+    pub goal_accepted: f64,
+    /// Acceptance per test condition: held-out voices clean, then each
+    /// noise at each SNR; then the held-out accent.
+    pub conditions: Vec<Condition>,
+    /// Held-out in-grammar test clips (every condition) whose top choice
+    /// was wrong, per head: `intent`, then each slot by name. Shows which
+    /// slot's phrases the model confuses.
+    pub head_errors: Vec<(String, usize)>,
+    /// Acceptance at 12 dB and above and false accepts, were the threshold
+    /// another: what moving `threshold` in `labels.json` would do.
+    pub tradeoff: Vec<Tradeoff>,
+    /// The most frequent intent mistakes on those clips: (said, heard,
+    /// clips), where heard `none` means "not a command".
+    pub intent_confusions: Vec<(String, String, usize)>,
+    /// Out-of-grammar test clips reported understood.
+    pub false_accepts: usize,
+    pub out_of_grammar_clips: usize,
+    /// Mean time of the intent network on tract per command, ms.
+    pub infer_ms: f64,
+    /// [`TEST_CLIPS_FILE`]'s lines.
+    #[serde(skip)]
+    pub clip_lines: String,
+}
+
+impl Measured {
+    pub fn false_accept_rate(&self) -> f64 {
+        self.false_accepts as f64 / self.out_of_grammar_clips.max(1) as f64
+    }
+}
+
+/// Runs `model` on tract over the test's clips (`features`, in the test's
+/// order) and counts what it answered.
+fn measure(model: &mut IntentModel, test: &TestSet, features: &[Vec<f32>]) -> Result<Measured> {
     let mut false_accepts = 0;
     let mut oog_clips = 0;
     let infer_started = Instant::now();
+    let labels = model.labels().clone();
     let mut any_score = labels.clone();
     any_score.threshold = 0.0;
     any_score.intent_thresholds.clear();
+    let mut conditions = test.conditions.clone();
     let mut head_errors: Vec<(String, usize)> = std::iter::once("intent".to_string())
         .chain(labels.slots.iter().map(|s| s.name.clone()))
         .map(|n| (n, 0))
@@ -1252,26 +1563,34 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     let mut oog_scores: Vec<f32> = Vec::new();
     let mut goal_accepted = 0usize;
     let mut clip_lines = String::new();
-    for (job, features) in test_jobs.iter().zip(&test_features) {
+    for (job, features) in test.jobs.iter().zip(features) {
         let probs = model.probabilities(features)?;
         let u = labels.decode(&probs);
         let top = any_score.decode(&probs);
         let top_score = if top.intent.is_some() { top.score } else { 0.0 };
-        clip_lines.push_str(&clip_line(&labels, job, &conditions, &top, u.understood));
-        if job.condition == oog_condition {
+        clip_lines.push_str(&clip_line(
+            &labels,
+            job,
+            &test.conditions,
+            &top,
+            u.understood,
+        ));
+        if job.condition == test.oog_condition {
             oog_clips += 1;
             false_accepts += usize::from(u.understood);
             oog_scores.push(top_score);
             continue;
         }
-        let c = &mut conditions[job.condition];
+        let Some(c) = conditions.get_mut(job.condition) else {
+            continue;
+        };
         c.clips += 1;
         let right = accepted(&labels, &job.targets, &u);
         c.accepted += usize::from(right);
         c.wrong += usize::from(u.understood && !right);
         let top_right = accepted(&any_score, &job.targets, &top);
         c.top_right += usize::from(top_right);
-        if goal[job.condition] {
+        if test.goal.get(job.condition).copied().unwrap_or(false) {
             goal_scores.push((top_right, top_score));
             goal_accepted += usize::from(right);
         }
@@ -1287,48 +1606,9 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             }
         }
     }
-    let infer_ms = infer_started.elapsed().as_secs_f64() * 1e3 / test_jobs.len().max(1) as f64;
-    let report = Report {
-        grammar_sha256: sha,
-        intents: n_intents,
-        slots: grammar.slots.len(),
-        train_clips: examples.len(),
-        negative_clips: negatives,
-        validation_clips: validation.len(),
-        calibration_clips: calibration_examples.len(),
-        calibration,
-        test_clips: test_jobs.len(),
-        test_sentences: held_texts.len(),
-        untested_intents: (0..n_intents)
-            .filter(|i| !tested.contains(i))
-            .map(|i| labels.intents[i].clone())
-            .collect(),
-        train_voices: train_voices.voices.len(),
-        test_voices: test_voices.voices.len(),
-        accent_voices: accent_voices.voices.len(),
-        held_out_accent: accent.to_string(),
-        mbrola_voices: train_voices.mbrola + test_voices.mbrola,
-        train_rates: train_voices.rates.clone(),
-        test_rates: test_voices.rates.clone(),
-        noise_recordings: train_bank.recorded.len(),
-        parameters: nets.iter().map(Net::parameters).sum(),
-        members,
-        epochs: opts.epochs,
-        front_epochs: if opts.tune_front.is_some() {
-            kith_models::intent::net::tuned_epochs(opts.epochs, opts.front_epochs)
-        } else {
-            0
-        },
-        member_goal_accepted,
+    let infer_ms = infer_started.elapsed().as_secs_f64() * 1e3 / test.jobs.len().max(1) as f64;
+    Ok(Measured {
         goal_accepted: goal_accepted as f64 / goal_scores.len().max(1) as f64,
-        model_bytes: std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0),
-        threshold: labels.threshold,
-        intent_thresholds: labels
-            .intents
-            .iter()
-            .filter_map(|n| Some((n.clone(), *labels.intent_thresholds.get(n)?)))
-            .collect(),
-        validation_accuracy,
         conditions,
         head_errors,
         tradeoff: TRADEOFF_THRESHOLDS
@@ -1357,25 +1637,11 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             v.truncate(8);
             v
         },
-        loudest_negatives,
         false_accepts,
         out_of_grammar_clips: oog_clips,
-        synthesis_secs,
-        training_secs,
-        total_secs: started.elapsed().as_secs_f64(),
         infer_ms,
-    };
-    std::fs::write(opts.out.join(TEST_CLIPS_FILE), clip_lines)
-        .with_context(|| format!("writing {}", opts.out.join(TEST_CLIPS_FILE).display()))?;
-    std::fs::write(
-        opts.out.join("metrics.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(
-        opts.out.join("MODEL_CARD.md"),
-        card(&opts.context, &labels, &report),
-    )?;
-    Ok(report)
+        clip_lines,
+    })
 }
 
 /// Every test clip, one JSON object per line: its condition, what was
@@ -1840,7 +2106,7 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
     s.push_str(
         "| condition | clips | accepted | 95 % interval | wrong | top choice right |\n|---|---:|---:|---:|---:|---:|\n",
     );
-    for c in &r.conditions {
+    for c in &r.measured.conditions {
         let (lo, hi) = c.accepted_interval();
         s.push_str(&format!(
             "| {} | {} | {:.1} % | {lo:.1}–{hi:.1} % | {:.1} % | {:.1} % |\n",
@@ -1853,8 +2119,9 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
     }
     s.push_str(&format!(
         "\nTop-choice errors per head over all {} in-grammar test clips: {}.\n",
-        r.conditions.iter().map(|c| c.clips).sum::<usize>(),
-        r.head_errors
+        r.measured.conditions.iter().map(|c| c.clips).sum::<usize>(),
+        r.measured
+            .head_errors
             .iter()
             .map(|(h, n)| format!("{h} {n}"))
             .collect::<Vec<_>>()
@@ -1865,10 +2132,10 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         if r.intent_thresholds.is_empty() {
             format!("this model uses {:.2}, calibrated on clips never tested, and `threshold` in `labels.json` changes it", r.threshold)
         } else {
-            format!("this table is one threshold for all intents, which `threshold` in `labels.json` sets once `intent_thresholds` is removed (the model's own thresholds, calibrated on clips never tested, accept {:.1} % with {:.1} % false accepts)", 100.0 * r.goal_accepted, 100.0 * r.false_accept_rate())
+            format!("this table is one threshold for all intents, which `threshold` in `labels.json` sets once `intent_thresholds` is removed (the model's own thresholds, calibrated on clips never tested, accept {:.1} % with {:.1} % false accepts)", 100.0 * r.measured.goal_accepted, 100.0 * r.measured.false_accept_rate())
         }
     ));
-    for t in &r.tradeoff {
+    for t in &r.measured.tradeoff {
         s.push_str(&format!(
             "| {:.2} | {:.1} % | {:.1} % |\n",
             t.threshold,
@@ -1877,10 +2144,11 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         ));
     }
     s.push('\n');
-    if !r.intent_confusions.is_empty() {
+    if !r.measured.intent_confusions.is_empty() {
         s.push_str(&format!(
             "Most frequent intent mistakes (said → heard, clips): {}.\n",
-            r.intent_confusions
+            r.measured
+                .intent_confusions
                 .iter()
                 .map(|(a, b, n)| format!("{a} → {b} {n}"))
                 .collect::<Vec<_>>()
@@ -1902,16 +2170,16 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
     }
     s.push_str(&format!(
         "\nOut-of-grammar sentences (held out, clean and at 12 dB): {} of {} accepted ({:.1} % false accepts).\n",
-        r.false_accepts,
-        r.out_of_grammar_clips,
-        100.0 * r.false_accept_rate()
+        r.measured.false_accepts,
+        r.measured.out_of_grammar_clips,
+        100.0 * r.measured.false_accept_rate()
     ));
     s.push_str(&format!(
         "\nThe training run writes each test clip's answer (what was said, by which voice, in which noise, and what was heard) to `{TEST_CLIPS_FILE}`.\n"
     ));
     s.push_str(&format!(
         "\nInference on tract: {:.2} ms per command for the network (features stream as the command is spoken).\n",
-        r.infer_ms
+        r.measured.infer_ms
     ));
     s
 }
@@ -2192,6 +2460,7 @@ mod tests {
             kind: Kind::Command,
         }];
         let opts = TrainOptions::default();
+        let opts = Rendering::of(&opts);
         let bank = |tracks: Vec<Vec<i16>>| NoiseBank {
             babble: tracks,
             recorded: Vec::new(),

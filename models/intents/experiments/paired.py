@@ -3,7 +3,8 @@
 
 Two `kith intent train` runs with the same context, seed and test options
 hear the very same test clips (`test_clips.jsonl` in each output
-directory). Per condition this prints how many clips each model accepted
+directory; `kith intent eval --model DIR --out OUT` writes it for a
+model whose run did not keep it). Per condition this prints how many clips each model accepted
 (intent and every slot right; for out-of-grammar clips, falsely
 accepted), how many only one of them accepted, and the
 exact McNemar p-value of those discordant clips: the chance of a split at
