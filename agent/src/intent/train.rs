@@ -2175,7 +2175,7 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         100.0 * r.measured.false_accept_rate()
     ));
     s.push_str(&format!(
-        "\nThe training run writes each test clip's answer (what was said, by which voice, in which noise, and what was heard) to `{TEST_CLIPS_FILE}`.\n"
+        "\nThe training run writes each test clip's answer (what was said, by which voice, in which noise, and what was heard) to `{TEST_CLIPS_FILE}`; `kith intent eval --model DIR --out OUT` makes the same test clips again and writes it for this model.\n"
     ));
     s.push_str(&format!(
         "\nInference on tract: {:.2} ms per command for the network (features stream as the command is spoken).\n",
