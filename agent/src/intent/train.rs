@@ -124,6 +124,40 @@ struct Job {
     kind: Kind,
 }
 
+impl Job {
+    /// `text` said by `speaker` (a voice, rate, pitch and speed:
+    /// [`voice_of`]) and spoiled by `recipe`, with the clip's own seed
+    /// drawn last from `rng`: a command clip in condition 0.
+    fn new(
+        text: String,
+        (voice, rate, pitch, speed): (Voice, u32, u32, f32),
+        recipe: Recipe,
+        targets: Vec<Option<u16>>,
+        rng: &mut Rng,
+    ) -> Job {
+        Job {
+            text,
+            voice,
+            rate,
+            pitch,
+            speed,
+            recipe,
+            targets,
+            condition: 0,
+            seed: rng.next_u64(),
+            kind: Kind::Command,
+        }
+    }
+}
+
+/// What the heads should answer for a clip that is no command: the
+/// intent head "none", the slot heads nothing to learn.
+fn none_targets(grammar: &Grammar) -> Vec<Option<u16>> {
+    let mut targets = vec![None; 1 + grammar.slots.len()];
+    targets[0] = Some(grammar.intents.len() as u16);
+    targets
+}
+
 /// A clip, as the threshold's calibration counts it: a command (or a
 /// slot-value clip), or one kind of speech that must not be understood.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -823,7 +857,6 @@ impl TestSet {
         seed: u64,
         test_utterances: usize,
     ) -> Result<TestSet> {
-        let none_class = grammar.intents.len() as u16;
         let tested = &held_out.tested;
         // Test jobs: sentences never trained on, test voices and rates, each
         // clean and at every SNR in babble and in pink noise; and the accent
@@ -870,28 +903,28 @@ impl TestSet {
             let test_voice = voice_of(&mut test_rng, test_voices);
             let accent_voice = voice_of(&mut test_rng, accent_voices);
             for (ci, (_, split, noise)) in specs.iter().enumerate() {
-                let (voice, rate, pitch, speed) = if *split == Split::Accent {
+                let speaker = if *split == Split::Accent {
                     accent_voice.clone()
                 } else {
                     test_voice.clone()
                 };
+                let recipe = Recipe {
+                    lead_ms: 300,
+                    tail_ms: 300,
+                    noise: *noise,
+                    reverb: None,
+                    gain_db: 0.0,
+                };
+                let job = Job::new(
+                    u.text.clone(),
+                    speaker,
+                    recipe,
+                    targets.clone(),
+                    &mut test_rng,
+                );
                 test_jobs.push(Job {
-                    text: u.text.clone(),
-                    voice,
-                    rate,
-                    pitch,
-                    speed,
-                    recipe: Recipe {
-                        lead_ms: 300,
-                        tail_ms: 300,
-                        noise: *noise,
-                        reverb: None,
-                        gain_db: 0.0,
-                    },
-                    targets: targets.clone(),
                     condition: ci,
-                    seed: test_rng.next_u64(),
-                    kind: Kind::Command,
+                    ..job
                 });
             }
         }
@@ -906,30 +939,27 @@ impl TestSet {
         let oog_condition = conditions.len();
         for (i, text) in oog_test.iter().enumerate() {
             for noisy in [false, true] {
-                let (voice, rate, pitch, speed) = voice_of(&mut test_rng, test_voices);
-                let mut targets = vec![None; 1 + grammar.slots.len()];
-                targets[0] = Some(none_class);
+                let speaker = voice_of(&mut test_rng, test_voices);
+                let noise = if i % 2 == 0 {
+                    NoiseKind::Babble
+                } else {
+                    NoiseKind::Pink
+                };
+                let recipe = Recipe {
+                    noise: noisy.then_some((noise, 12.0)),
+                    ..Recipe::clean()
+                };
+                let job = Job::new(
+                    text.clone(),
+                    speaker,
+                    recipe,
+                    none_targets(grammar),
+                    &mut test_rng,
+                );
                 test_jobs.push(Job {
-                    text: text.clone(),
-                    voice,
-                    rate,
-                    pitch,
-                    speed,
-                    recipe: Recipe {
-                        noise: noisy.then_some((
-                            if i % 2 == 0 {
-                                NoiseKind::Babble
-                            } else {
-                                NoiseKind::Pink
-                            },
-                            12.0,
-                        )),
-                        ..Recipe::clean()
-                    },
-                    targets,
                     condition: oog_condition,
-                    seed: test_rng.next_u64(),
                     kind: Kind::Everyday,
+                    ..job
                 });
             }
         }
@@ -964,7 +994,6 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         None
     };
     let n_intents = grammar.intents.len();
-    let none_class = n_intents as u16;
     let train_voices = voices::voices(Split::Train)?;
     let test_voices = voices::voices(Split::Test)?;
     let accent_voices = voices::voices(Split::Accent)?;
@@ -1008,19 +1037,9 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     // A training clip of `text`: a random training voice, rate, pitch and
     // speed, then a training recipe, then the clip's own seed (in that order).
     let training_job = |text: String, targets: Vec<Option<u16>>, rng: &mut Rng| {
-        let (voice, rate, pitch, speed) = voice_of(rng, &train_voices);
-        Job {
-            text,
-            voice,
-            rate,
-            pitch,
-            speed,
-            recipe: augment::training_recipe(rng, &train_bank),
-            targets,
-            condition: 0,
-            seed: rng.next_u64(),
-            kind: Kind::Command,
-        }
+        let speaker = voice_of(rng, &train_voices);
+        let recipe = augment::training_recipe(rng, &train_bank);
+        Job::new(text, speaker, recipe, targets, rng)
     };
     for _ in 0..opts.utterances {
         let Some(u) = (0..100)
@@ -1046,25 +1065,13 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             },
             _ => (Kind::Noise, String::new()),
         };
-        let (voice, rate, pitch, speed) = voice_of(&mut rng, &train_voices);
-        let mut targets = vec![None; 1 + grammar.slots.len()];
-        targets[0] = Some(none_class);
+        let speaker = voice_of(&mut rng, &train_voices);
         let mut recipe = augment::training_recipe(&mut rng, &train_bank);
         if text.is_empty() && recipe.noise.is_none() {
             recipe.noise = Some((NoiseKind::Babble, rng.range(-5.0, 20.0)));
         }
-        jobs.push(Job {
-            text,
-            voice,
-            rate,
-            pitch,
-            speed,
-            recipe,
-            targets,
-            condition: 0,
-            seed: rng.next_u64(),
-            kind,
-        });
+        let job = Job::new(text, speaker, recipe, none_targets(&grammar), &mut rng);
+        jobs.push(Job { kind, ..job });
     }
 
     // Slot values in foreign carriers: a value phrase between words of
@@ -1120,20 +1127,18 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     let mut calibration_jobs = Vec::new();
     for text in &oog_calibration {
         for _ in 0..CALIBRATION_CLIPS_PER_SENTENCE {
-            let (voice, rate, pitch, speed) = voice_of(&mut calibration_rng, &train_voices);
-            let mut targets = vec![None; 1 + grammar.slots.len()];
-            targets[0] = Some(none_class);
+            let speaker = voice_of(&mut calibration_rng, &train_voices);
+            let recipe = augment::training_recipe(&mut calibration_rng, &train_bank);
+            let job = Job::new(
+                text.clone(),
+                speaker,
+                recipe,
+                none_targets(&grammar),
+                &mut calibration_rng,
+            );
             calibration_jobs.push(Job {
-                text: text.clone(),
-                voice,
-                rate,
-                pitch,
-                speed,
-                recipe: augment::training_recipe(&mut calibration_rng, &train_bank),
-                targets,
-                condition: 0,
-                seed: calibration_rng.next_u64(),
                 kind: Kind::Unheard,
+                ..job
             });
         }
     }
