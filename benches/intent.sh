@@ -23,8 +23,10 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 espeak-ng -v en-us -s 150 -w "$tmp/wake.wav" "hey jarvis"
 espeak-ng -v en-029+m7 -s 150 -w "$tmp/cmd.wav" "set the kitchen lights to fifty percent"
+# sox joins files of one sample rate only: both go to 16 kHz first.
 sox "$tmp/wake.wav" -r 16000 -c 1 "$tmp/w.wav" pad 0 0.3
-sox "$tmp/w.wav" "$tmp/cmd.wav" -r 16000 -c 1 "$tmp/all.wav" pad 0 1.5
+sox "$tmp/cmd.wav" -r 16000 -c 1 "$tmp/c.wav"
+sox "$tmp/w.wav" "$tmp/c.wav" "$tmp/all.wav" pad 0 1.5
 for i in 1 2 3; do
   "$kith" listen --wav "$tmp/all.wav" --wake hey_jarvis --intent models/intents/smart-home --json | grep '"intent"'
 done
