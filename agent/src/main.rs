@@ -507,10 +507,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             if front_epochs.is_some_and(|n| n == 0 || n > epochs) {
                 bail!("--front-epochs must be between 1 and --epochs ({epochs})");
             }
-            let front = train::FrontFiles {
-                mel: store.require("melspectrogram")?,
-                embedding: store.require("embedding_model")?,
-            };
+            let front = train::FrontFiles::from_store(store)?;
             let mut opts = train::TrainOptions {
                 context,
                 out,
@@ -556,10 +553,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             if test_utterances == Some(0) {
                 bail!("--test-utterances must be at least 1");
             }
-            let front = train::FrontFiles {
-                mel: store.require("melspectrogram")?,
-                embedding: store.require("embedding_model")?,
-            };
+            let front = train::FrontFiles::from_store(store)?;
             let opts = train::EvalOptions {
                 model,
                 seed,

@@ -104,6 +104,16 @@ pub struct FrontFiles {
     pub embedding: PathBuf,
 }
 
+impl FrontFiles {
+    /// The installed front end's files (an error says how to fetch them).
+    pub fn from_store(store: &crate::store::ModelStore) -> Result<FrontFiles> {
+        Ok(FrontFiles {
+            mel: store.require("melspectrogram")?,
+            embedding: store.require("embedding_model")?,
+        })
+    }
+}
+
 /// One clip to make: what is said, by whom, and how it is spoiled.
 #[derive(Debug, Clone)]
 struct Job {
