@@ -349,6 +349,10 @@ pub struct Report {
     /// context, it makes the test clips again ([`evaluate`]).
     pub seed: u64,
     pub test_utterances: usize,
+    /// Babble tracks the test's babble clips are cut from (absent in the
+    /// metrics of models trained before the test had its own 64: their
+    /// test cut 8 tracks drawn from the training stream).
+    pub test_babble_tracks: usize,
     /// What the exported model answered on the test.
     #[serde(flatten)]
     pub measured: Measured,
@@ -790,27 +794,43 @@ fn voice_of(rng: &mut Rng, set: &VoiceSet) -> (Voice, u32, u32, f32) {
     )
 }
 
-/// The babble (and recorded noise) training mixes in, and the test's own
-/// babble: training babble from training voices and out-of-grammar
-/// sentences, test babble from test ones. Both are drawn from `rng`, in
-/// that order, so the test's babble follows from the seed alone.
-fn noise_banks(
+/// Babble tracks training mixes in: cuts of so many tracks, from training
+/// voices and out-of-grammar sentences.
+const TRAINING_BABBLE_TRACKS: usize = 16;
+
+/// Babble tracks the held-out test mixes in. A test clip in babble is a
+/// cut of one of them, so tracks must be many for the clips of a babble
+/// row to be near independent draws: with 8, the row moved 3 to 6 points
+/// when the 8 were drawn again, as much as a change of model.
+pub const TEST_BABBLE_TRACKS: usize = 64;
+
+/// The test's babble has its own random stream, drawn from the seed alone:
+/// neither the training data nor its options move it, and the training
+/// data do not move with it.
+const TEST_BABBLE_STREAM: u64 = 0x7e57_babb_1e00_0001;
+
+/// The babble (and recorded noise) training mixes in: babble from training
+/// voices and out-of-grammar sentences, drawn from `rng`.
+fn training_noise(
     oog_train: &[String],
-    oog_test: &[String],
     train_voices: &VoiceSet,
-    test_voices: &VoiceSet,
     noise_dirs: &[PathBuf],
     rng: &mut Rng,
-) -> Result<(NoiseBank, NoiseBank)> {
-    let train = NoiseBank {
-        babble: babble_bank(oog_train, train_voices, rng, 16)?,
+) -> Result<NoiseBank> {
+    Ok(NoiseBank {
+        babble: babble_bank(oog_train, train_voices, rng, TRAINING_BABBLE_TRACKS)?,
         recorded: read_noise(noise_dirs)?,
-    };
-    let test = NoiseBank {
-        babble: babble_bank(oog_test, test_voices, rng, 8)?,
+    })
+}
+
+/// The test's babble: from test voices and the test's out-of-grammar
+/// sentences, on the seed's own stream for it.
+fn test_noise(oog_test: &[String], test_voices: &VoiceSet, seed: u64) -> Result<NoiseBank> {
+    let mut rng = Rng::new(seed ^ TEST_BABBLE_STREAM);
+    Ok(NoiseBank {
+        babble: babble_bank(oog_test, test_voices, &mut rng, TEST_BABBLE_TRACKS)?,
         recorded: Vec::new(),
-    };
-    Ok((train, test))
+    })
 }
 
 /// Held-out sentences, per intent: chosen first and never trained on, so
@@ -1029,14 +1049,8 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         bail!("every built-in out-of-grammar sentence is in this grammar: it accepts too much");
     }
     let synth_started = Instant::now();
-    let (train_bank, test_bank) = noise_banks(
-        &oog_train,
-        &oog_test,
-        &train_voices,
-        &test_voices,
-        &opts.noise_dirs,
-        &mut rng,
-    )?;
+    let train_bank = training_noise(&oog_train, &train_voices, &opts.noise_dirs, &mut rng)?;
+    let test_bank = test_noise(&oog_test, &test_voices, opts.seed)?;
     let held_out = HeldOut::of(&grammar, opts.seed, opts.test_utterances);
     let held_texts: HashSet<String> = held_out.texts();
 
@@ -1390,6 +1404,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         total_secs: started.elapsed().as_secs_f64(),
         seed: opts.seed,
         test_utterances: opts.test_utterances,
+        test_babble_tracks: test_bank.babble.len(),
         measured,
     };
     std::fs::write(opts.out.join(TEST_CLIPS_FILE), &report.measured.clip_lines)
@@ -1424,6 +1439,7 @@ pub struct Evaluation {
     pub grammar_sha256: String,
     pub seed: u64,
     pub test_utterances: usize,
+    pub test_babble_tracks: usize,
     pub test_clips: usize,
     pub test_sentences: usize,
     pub synthesis_secs: f64,
@@ -1465,26 +1481,14 @@ pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
         .or_else(|| recorded["test_utterances"].as_u64().map(|n| n as usize))
         .unwrap_or(defaults.test_utterances);
 
-    let train_voices = voices::voices(Split::Train)?;
     let test_voices = voices::voices(Split::Test)?;
     let accent_voices = voices::voices(Split::Accent)?;
-    let oog_train = out_of_grammar(&grammar, Part::Train);
     let oog_test = out_of_grammar(&grammar, Part::Test);
-    if oog_train.is_empty() || oog_test.is_empty() {
+    if oog_test.is_empty() {
         bail!("every built-in out-of-grammar sentence is in this grammar: it accepts too much");
     }
     let started = Instant::now();
-    // The training babble is made (and dropped) only to draw the test's
-    // babble from the same point of the seed's stream as training did.
-    let mut rng = Rng::new(seed);
-    let (_, test_bank) = noise_banks(
-        &oog_train,
-        &oog_test,
-        &train_voices,
-        &test_voices,
-        &[],
-        &mut rng,
-    )?;
+    let test_bank = test_noise(&oog_test, &test_voices, seed)?;
     let held_out = HeldOut::of(&grammar, seed, test_utterances);
     let mut test = TestSet::new(
         &grammar,
@@ -1515,6 +1519,7 @@ pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
         grammar_sha256: sha,
         seed,
         test_utterances,
+        test_babble_tracks: test_bank.babble.len(),
         test_clips: test.jobs.len(),
         test_sentences: held_out.texts().len(),
         synthesis_secs,
@@ -2115,8 +2120,8 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         }
     ));
     s.push_str(&format!(
-        "The rows before the accent rows use {} voices: held-out espeak-ng variants of the training accents and a held-out MBROLA voice. The accent rows use {} variants of `{}`, an accent no training voice has. *Wrong*: understood, but the intent or a slot wrong (the rest were answered \"not understood\"). *Top choice right*: the network's best answer was exactly right, whatever its score. *95 % interval*: where the acceptance rate lies, from the clips' count alone (Wilson); the clips share {} sentences and their voices, so the real spread is wider.\n\n",
-        r.test_voices, r.accent_voices, r.held_out_accent, r.test_sentences
+        "The rows before the accent rows use {} voices: held-out espeak-ng variants of the training accents and a held-out MBROLA voice. The accent rows use {} variants of `{}`, an accent no training voice has. Babble: cuts of {} tracks, each three to five test voices saying out-of-grammar test sentences at once. *Wrong*: understood, but the intent or a slot wrong (the rest were answered \"not understood\"). *Top choice right*: the network's best answer was exactly right, whatever its score. *95 % interval*: where the acceptance rate lies, from the clips' count alone (Wilson); the clips share {} sentences and their voices, so the real spread is wider.\n\n",
+        r.test_voices, r.accent_voices, r.held_out_accent, r.test_babble_tracks, r.test_sentences
     ));
     s.push_str(
         "| condition | clips | accepted | 95 % interval | wrong | top choice right |\n|---|---:|---:|---:|---:|---:|\n",
