@@ -134,6 +134,11 @@ enum IntentCommand {
         /// Reuse (and keep) rendered test clips here, as `train --cache`
         #[arg(long, value_name = "DIR")]
         cache: Option<PathBuf>,
+        /// Also write the figures into the model's own metrics.json and
+        /// MODEL_CARD.md, keeping what its training recorded (after the
+        /// test has changed)
+        #[arg(long)]
+        update: bool,
     },
     /// Understand commands in WAV files (or directories of them)
     Infer {
@@ -549,9 +554,14 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             seed,
             threads,
             cache,
+            update,
         } => {
             if test_utterances == Some(0) {
                 bail!("--test-utterances must be at least 1");
+            }
+            if update {
+                // Before minutes of measuring: is there a report to update?
+                train::read_report(&model)?;
             }
             let front = train::FrontFiles::from_store(store)?;
             let opts = train::EvalOptions {
@@ -582,6 +592,13 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&e)?)
                     .with_context(|| format!("writing into {}", out.display()))?;
                 eprintln!("wrote {}", out.display());
+            }
+            if update {
+                train::update_figures(&opts.model, &e)?;
+                eprintln!(
+                    "updated metrics.json and MODEL_CARD.md in {}",
+                    opts.model.display()
+                );
             }
             Ok(())
         }

@@ -922,6 +922,51 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
     assert_eq!(m["test_babble_tracks"].as_u64(), Some(64));
     assert_eq!(m["test_babble_tracks"], e["test_babble_tracks"]);
 
+    // --update writes the figures into the model's own metrics.json and
+    // card, keeping what training recorded: a copy whose metrics are of an
+    // older test (no test_babble_tracks, other babble rows) gets this
+    // test's.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(&copy).expect("dir");
+    for f in ["intent.onnx", "labels.json", "context.yaml"] {
+        std::fs::copy(model.join(f), copy.join(f)).expect("copy");
+    }
+    let mut older = m.clone();
+    let fields = older.as_object_mut().expect("object");
+    fields.remove("test_babble_tracks");
+    for c in fields["conditions"].as_array_mut().expect("conditions") {
+        c["accepted"] = serde_json::json!(0);
+    }
+    std::fs::write(copy.join("metrics.json"), older.to_string()).expect("write");
+    let o = kith(&["intent", "eval", "--model", p(&copy), "--update"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let u = metrics(&copy);
+    assert_eq!(u["conditions"], m["conditions"]);
+    assert_eq!(u["test_babble_tracks"].as_u64(), Some(64));
+    for key in ["train_clips", "threshold", "calibration", "training_secs"] {
+        assert_eq!(u[key], m[key], "{key}");
+    }
+    let card = std::fs::read_to_string(copy.join("MODEL_CARD.md")).expect("card");
+    assert!(card.contains("Babble: cuts of 64 tracks"), "{card}");
+    let clean = m["conditions"][0]["accepted"].as_f64().expect("n")
+        / m["conditions"][0]["clips"].as_f64().expect("n");
+    assert!(
+        card.contains(&format!(
+            "| clean | {} | {:.1} % |",
+            m["conditions"][0]["clips"],
+            100.0 * clean
+        )),
+        "{card}"
+    );
+    // Without a training run's metrics there is nothing to update: said
+    // before any clip is made.
+    std::fs::remove_file(copy.join("metrics.json")).expect("rm");
+    let o = kith(&["intent", "eval", "--model", p(&copy), "--update"]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("needs its training run's"), "{err}");
+    assert!(!err.contains("synthesizing"), "{err}");
+
     // A context that is not the model's own is refused: its test would be
     // another test.
     let other = dir.path().join("other");

@@ -24,7 +24,7 @@ use kith_models::intent::{
     SlotLabels, onnx,
 };
 use kith_models::wake::EMBEDDING_DIM;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::augment::{self, NoiseBank, NoiseKind, Recipe};
@@ -228,15 +228,15 @@ enum Part {
 const KIND_ORDER: [Kind; 4] = [Kind::Unheard, Kind::Noise, Kind::Everyday, Kind::Salad];
 
 /// How many clips of one kind of negative the chosen threshold accepts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KindShare {
-    pub kind: &'static str,
+    pub kind: String,
     pub clips: usize,
     pub accepted: usize,
 }
 
 /// One row of the acceptance table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Condition {
     /// "clean", "babble 12 dB", ...
     pub name: String,
@@ -293,7 +293,7 @@ pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
 }
 
 /// What training made and measured (also `metrics.json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub grammar_sha256: String,
     pub intents: usize,
@@ -326,9 +326,11 @@ pub struct Report {
     /// Networks whose probabilities the model averages.
     pub members: usize,
     /// Passes over the training clips, per network.
+    #[serde(default)]
     pub epochs: usize,
     /// Of those, the last ones that trained the speech embedding's layers
     /// too (0: the model reads the frozen embeddings).
+    #[serde(default)]
     pub front_epochs: usize,
     /// With several networks: each one alone, at its own calibrated
     /// threshold, accepted this share of the goal conditions' clips.
@@ -346,22 +348,39 @@ pub struct Report {
     pub training_secs: f64,
     pub total_secs: f64,
     /// The seed the data was drawn with: with `test_utterances` and the
-    /// context, it makes the test clips again ([`evaluate`]).
+    /// context, it makes the test clips again ([`evaluate`]). Older
+    /// models did not record them: they used the trainer's defaults.
+    #[serde(default = "default_seed")]
     pub seed: u64,
+    #[serde(default = "default_test_utterances")]
     pub test_utterances: usize,
     /// Babble tracks the test's babble clips are cut from (absent in the
     /// metrics of models trained before the test had its own 64: their
     /// test cut 8 tracks drawn from the training stream).
+    #[serde(default = "eight_tracks")]
     pub test_babble_tracks: usize,
     /// What the exported model answered on the test.
     #[serde(flatten)]
     pub measured: Measured,
 }
 
+fn default_seed() -> u64 {
+    TrainOptions::default().seed
+}
+
+fn default_test_utterances() -> usize {
+    TrainOptions::default().test_utterances
+}
+
+/// Models measured before the test had babble tracks of its own cut 8.
+fn eight_tracks() -> usize {
+    8
+}
+
 /// A validation or calibration clip that must not be understood, and what it was heard as.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoredNegative {
-    pub kind: &'static str,
+    pub kind: String,
     /// What was said (empty: noise alone).
     pub text: String,
     pub noise: String,
@@ -380,7 +399,7 @@ type Noise = Option<(NoiseKind, f32)>;
 const TRADEOFF_THRESHOLDS: [f32; 6] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95];
 
 /// One row of the threshold trade-off.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tradeoff {
     pub threshold: f32,
     /// Share of held-out in-grammar clips at 12 dB SNR and above accepted and right.
@@ -1306,7 +1325,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         .map(|&kind| {
             let of_kind = heard.iter().filter(|h| h.job.kind == kind);
             KindShare {
-                kind: kind.name(),
+                kind: kind.name().to_string(),
                 clips: of_kind.clone().count(),
                 accepted: of_kind.filter(|h| h.accepted_by(&labels)).count(),
             }
@@ -1527,8 +1546,56 @@ pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
     })
 }
 
+/// What a model's training run recorded (its `metrics.json`).
+pub fn read_report(model: &Path) -> Result<Report> {
+    let path = model.join("metrics.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}: updating a model's figures needs its training run's",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is no metrics.json of kith intent train", path.display()))
+}
+
+/// Writes what [`evaluate`] measured into the model's own `metrics.json`
+/// and `MODEL_CARD.md`, keeping what its training run recorded (data,
+/// voices, threshold, time): for a model measured again on a test that
+/// has changed since it was trained. Returns the updated report.
+pub fn update_figures(model: &Path, e: &Evaluation) -> Result<Report> {
+    let path = model.join("metrics.json");
+    let mut report = read_report(model)?;
+    if report.grammar_sha256 != e.grammar_sha256 {
+        bail!(
+            "{} is of another context (sha256 {}, measured {})",
+            path.display(),
+            report.grammar_sha256,
+            e.grammar_sha256
+        );
+    }
+    report.seed = e.seed;
+    report.test_utterances = e.test_utterances;
+    report.test_babble_tracks = e.test_babble_tracks;
+    report.test_clips = e.test_clips;
+    report.test_sentences = e.test_sentences;
+    report.measured = e.measured.clone();
+    let labels = IntentModel::load(model)
+        .with_context(|| format!("loading the intent model {}", model.display()))?
+        .labels()
+        .clone();
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(
+        model.join("MODEL_CARD.md"),
+        card(&model.join("context.yaml"), &labels, &report),
+    )
+    .with_context(|| format!("writing into {}", model.display()))?;
+    Ok(report)
+}
+
 /// What the model answered on the held-out test (part of `metrics.json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measured {
     /// Share of the goal conditions' clips (held-out voices, clean and at
     /// 12 dB and above) the model accepted, right.
@@ -1843,7 +1910,7 @@ fn loudest_negatives(heard: &[Heard]) -> Vec<ScoredNegative> {
         .iter()
         .filter_map(|h| {
             Some(ScoredNegative {
-                kind: h.job.kind.name(),
+                kind: h.job.kind.name().to_string(),
                 text: h.job.text.clone(),
                 noise: noise_name(h.job.recipe.noise),
                 heard: h.intent.clone()?,
