@@ -325,15 +325,17 @@ pub struct Report {
     pub parameters: usize,
     /// Networks whose probabilities the model averages.
     pub members: usize,
-    /// Passes over the training clips, per network.
-    #[serde(default)]
+    /// Passes over the training clips, per network (0: not recorded, as
+    /// by models older than the field; then not written either).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub epochs: usize,
     /// Of those, the last ones that trained the speech embedding's layers
     /// too (0: the model reads the frozen embeddings).
     #[serde(default)]
     pub front_epochs: usize,
     /// With several networks: each one alone, at its own calibrated
-    /// threshold, accepted this share of the goal conditions' clips.
+    /// threshold, accepted this share of the goal conditions' clips (empty
+    /// once `kith intent eval --update` measured the model on another test).
     pub member_goal_accepted: Vec<f64>,
     pub model_bytes: u64,
     /// One threshold for all intents, calibrated on the negatives alone.
@@ -362,6 +364,10 @@ pub struct Report {
     /// What the exported model answered on the test.
     #[serde(flatten)]
     pub measured: Measured,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_seed() -> u64 {
@@ -1580,6 +1586,9 @@ pub fn update_figures(model: &Path, e: &Evaluation) -> Result<Report> {
     report.test_clips = e.test_clips;
     report.test_sentences = e.test_sentences;
     report.measured = e.measured.clone();
+    // Each network alone was measured on the training run's test, which
+    // eval cannot do again (the model is their average).
+    report.member_goal_accepted.clear();
     let labels = IntentModel::load(model)
         .with_context(|| format!("loading the intent model {}", model.display()))?
         .labels()
@@ -2096,13 +2105,20 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
     ));
     let ensemble = if r.members > 1 {
         format!(
-            "; an ensemble of {} such networks trained from different starts, whose probabilities the model averages (each alone accepts {} of the goal conditions' clips)",
+            "; an ensemble of {} such networks trained from different starts, whose probabilities the model averages{}",
             r.members,
-            r.member_goal_accepted
-                .iter()
-                .map(|a| format!("{:.1} %", 100.0 * a))
-                .collect::<Vec<_>>()
-                .join(", ")
+            if r.member_goal_accepted.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (each alone accepts {} of the goal conditions' clips)",
+                    r.member_goal_accepted
+                        .iter()
+                        .map(|a| format!("{:.1} %", 100.0 * a))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         )
     } else {
         String::new()
