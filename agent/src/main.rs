@@ -560,8 +560,10 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 bail!("--test-utterances must be at least 1");
             }
             if update {
-                // Before minutes of measuring: is there a report to update?
-                train::read_report(&model)?;
+                // Before minutes of measuring: is there a report to update,
+                // and is this its own test?
+                let report = train::read_report(&model)?;
+                train::same_test(&report, seed, test_utterances)?;
             }
             let front = train::FrontFiles::from_store(store)?;
             let opts = train::EvalOptions {

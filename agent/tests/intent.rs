@@ -958,6 +958,24 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
         )),
         "{card}"
     );
+    // Another seed holds out other sentences, some trained on: refused
+    // before any clip is made.
+    let o = kith(&[
+        "intent",
+        "eval",
+        "--model",
+        p(&copy),
+        "--update",
+        "--seed",
+        "7",
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("figures of the model's own test only"),
+        "{err}"
+    );
+    assert!(!err.contains("synthesizing"), "{err}");
     // Without a training run's metrics there is nothing to update: said
     // before any clip is made.
     std::fs::remove_file(copy.join("metrics.json")).expect("rm");

@@ -1565,6 +1565,22 @@ pub fn read_report(model: &Path) -> Result<Report> {
         .with_context(|| format!("{} is no metrics.json of kith intent train", path.display()))
 }
 
+/// Refuses a seed or test size other than the training run's: another
+/// seed holds out other sentences, some of which training heard, so its
+/// figures must never stand on the model's card.
+pub fn same_test(report: &Report, seed: Option<u64>, test_utterances: Option<usize>) -> Result<()> {
+    if seed.is_some_and(|s| s != report.seed)
+        || test_utterances.is_some_and(|n| n != report.test_utterances)
+    {
+        bail!(
+            "--update writes figures of the model's own test only: it was trained with seed {} and {} test sentences",
+            report.seed,
+            report.test_utterances
+        );
+    }
+    Ok(())
+}
+
 /// Writes what [`evaluate`] measured into the model's own `metrics.json`
 /// and `MODEL_CARD.md`, keeping what its training run recorded (data,
 /// voices, threshold, time): for a model measured again on a test that
@@ -1580,8 +1596,7 @@ pub fn update_figures(model: &Path, e: &Evaluation) -> Result<Report> {
             e.grammar_sha256
         );
     }
-    report.seed = e.seed;
-    report.test_utterances = e.test_utterances;
+    same_test(&report, Some(e.seed), Some(e.test_utterances))?;
     report.test_babble_tracks = e.test_babble_tracks;
     report.test_clips = e.test_clips;
     report.test_sentences = e.test_sentences;
