@@ -1470,6 +1470,9 @@ pub struct Evaluation {
     pub synthesis_secs: f64,
     #[serde(flatten)]
     pub measured: Measured,
+    /// The model's label vocabulary, as loaded to measure it.
+    #[serde(skip)]
+    pub labels: Labels,
 }
 
 /// Measures a trained model again on the held-out test its training run
@@ -1549,6 +1552,7 @@ pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
         test_sentences: held_out.texts().len(),
         synthesis_secs,
         measured,
+        labels: model.labels().clone(),
     })
 }
 
@@ -1604,15 +1608,11 @@ pub fn update_figures(model: &Path, e: &Evaluation) -> Result<Report> {
     // Each network alone was measured on the training run's test, which
     // eval cannot do again (the model is their average).
     report.member_goal_accepted.clear();
-    let labels = IntentModel::load(model)
-        .with_context(|| format!("loading the intent model {}", model.display()))?
-        .labels()
-        .clone();
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
     std::fs::write(
         model.join("MODEL_CARD.md"),
-        card(&model.join("context.yaml"), &labels, &report),
+        card(&model.join("context.yaml"), &e.labels, &report),
     )
     .with_context(|| format!("writing into {}", model.display()))?;
     Ok(report)
