@@ -18,7 +18,7 @@ use tract_onnx::pb::{
     tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
-use super::embedding_top::{self, Axis};
+use super::embedding_top::{self, Axis, KERNEL as TOP_KERNEL};
 use super::net::{KERNEL, Net};
 
 /// Name of the input.
@@ -359,19 +359,19 @@ fn tuned_front(
             ));
             x = pooled;
         }
-        // Our layout [KERNEL * cin, 96] (row j * cin + i) → ONNX [o, i, kh, kw].
+        // Our layout [TOP_KERNEL * cin, 96] (row j * cin + i) → ONNX [o, i, kh, kw].
         let cin = conv.cin;
-        let mut w = vec![0.0; ch * cin * KERNEL];
+        let mut w = vec![0.0; ch * cin * TOP_KERNEL];
         for o in 0..ch {
             for i in 0..cin {
-                for j in 0..KERNEL {
-                    w[(o * cin + i) * KERNEL + j] = conv.w[(j * cin + i) * ch + o];
+                for j in 0..TOP_KERNEL {
+                    w[(o * cin + i) * TOP_KERNEL + j] = conv.w[(j * cin + i) * ch + o];
                 }
             }
         }
         let (kernel, pads): ([i64; 2], [i64; 4]) = match conv.axis {
-            Axis::Bands => ([1, KERNEL as i64], [0, 1, 0, 1]),
-            Axis::Time => ([KERNEL as i64, 1], [0, 0, 0, 0]),
+            Axis::Bands => ([1, TOP_KERNEL as i64], [0, 1, 0, 1]),
+            Axis::Time => ([TOP_KERNEL as i64, 1], [0, 0, 0, 0]),
         };
         let wn = n(&format!("top.conv{li}.w"));
         init.push(tensor_f32(
