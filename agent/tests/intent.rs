@@ -238,8 +238,46 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
     let fa =
         m["false_accepts"].as_f64().expect("n") / m["out_of_grammar_clips"].as_f64().expect("n");
     assert!(fa <= 0.05, "false accept rate {fa}");
+    // Per held-out voice variant, the goal conditions' clips: every clip
+    // of those conditions is some voice's, and so is every accepted one.
+    let voices = m["voices"].as_array().expect("voices");
+    assert!(voices.len() >= 2, "{voices:?}");
+    let goal: Vec<&Value> = voices[0]["cells"]
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| &c[0])
+        .collect();
+    assert!(
+        goal.contains(&&serde_json::json!("babble 12 dB")),
+        "{goal:?}"
+    );
+    for (k, name) in goal.iter().enumerate() {
+        let name = name.as_str().expect("a condition");
+        let sum = |field: usize| -> u64 {
+            voices
+                .iter()
+                .map(|v| v["cells"][k][field].as_u64().expect("n"))
+                .sum()
+        };
+        let c = m["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no condition {name}"));
+        assert_eq!(Some(sum(1)), c["clips"].as_u64(), "{name}");
+        assert_eq!(Some(sum(2)), c["accepted"].as_u64(), "{name}");
+    }
     let card = std::fs::read_to_string(dir.join("MODEL_CARD.md")).expect("card");
     assert!(card.contains("| babble 12 dB |"), "{card}");
+    for v in voices {
+        let voice = v["voice"].as_str().expect("a voice");
+        assert!(!voice.contains('+'), "{voice}");
+        let cells = v["cells"].as_array().expect("cells");
+        let row = format!("| {voice} | {} / {} |", cells[0][2], cells[0][1]);
+        assert!(card.contains(&row), "no {row} in {card}");
+    }
     // Each condition's acceptance with its interval, which holds it.
     let row = card
         .lines()
@@ -916,6 +954,7 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
     }
     let (m, e) = (metrics(model), metrics(&out));
     assert_eq!(m["conditions"], e["conditions"]);
+    assert_eq!(m["voices"], e["voices"]);
     assert_eq!(m["false_accepts"], e["false_accepts"]);
     // Babble clips are cut from many tracks, so that they are near
     // independent draws.
@@ -934,6 +973,7 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
     let mut older = m.clone();
     let fields = older.as_object_mut().expect("object");
     fields.remove("test_babble_tracks");
+    fields.remove("voices");
     for c in fields["conditions"].as_array_mut().expect("conditions") {
         c["accepted"] = serde_json::json!(0);
     }
@@ -942,6 +982,7 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let u = metrics(&copy);
     assert_eq!(u["conditions"], m["conditions"]);
+    assert_eq!(u["voices"], m["voices"]);
     assert_eq!(u["test_babble_tracks"].as_u64(), Some(64));
     for key in ["train_clips", "threshold", "calibration", "training_secs"] {
         assert_eq!(u[key], m[key], "{key}");

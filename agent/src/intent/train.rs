@@ -1637,6 +1637,12 @@ pub struct Measured {
     /// The most frequent intent mistakes on those clips: (said, heard,
     /// clips), where heard `none` means "not a command".
     pub intent_confusions: Vec<(String, String, usize)>,
+    /// Per held-out voice variant, its clips in each goal condition: one
+    /// voice far under the others is one the model hears badly, which the
+    /// per-condition rows average away (empty in the metrics of models
+    /// measured before this was kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub voices: Vec<VoiceRow>,
     /// Out-of-grammar test clips reported understood.
     pub false_accepts: usize,
     pub out_of_grammar_clips: usize,
@@ -1645,6 +1651,46 @@ pub struct Measured {
     /// [`TEST_CLIPS_FILE`]'s lines.
     #[serde(skip)]
     pub clip_lines: String,
+}
+
+/// One held-out voice variant's clips in the goal conditions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VoiceRow {
+    /// The variant after `+` (`steph` of `en-us+steph`), or the whole
+    /// name of a voice without one (`mb-us3`).
+    pub voice: String,
+    /// Per goal condition, in the conditions' order: its name, the
+    /// voice's clips in it and how many of them were accepted.
+    pub cells: Vec<(String, usize, usize)>,
+}
+
+/// The card's per-voice table (empty when no rows were measured).
+fn voice_table(voices: &[VoiceRow]) -> String {
+    let Some(first) = voices.first() else {
+        return String::new();
+    };
+    let mut s = String::from(
+        "\nPer held-out voice variant, clips accepted of its clips in each goal condition (one voice far under the others is one the model hears badly):\n\n| voice |",
+    );
+    for (name, _, _) in &first.cells {
+        s.push_str(&format!(" {name} |"));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(first.cells.len()));
+    s.push('\n');
+    for v in voices {
+        s.push_str(&format!("| {} |", v.voice));
+        for (_, clips, accepted) in &v.cells {
+            s.push_str(&format!(" {accepted} / {clips} |"));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The variant part of an espeak-ng voice name (see [`VoiceRow::voice`]).
+fn voice_variant(espeak: &str) -> &str {
+    espeak.rsplit('+').next().unwrap_or(espeak)
 }
 
 impl Measured {
@@ -1673,6 +1719,10 @@ fn measure(model: &mut IntentModel, test: &TestSet, features: &[Vec<f32>]) -> Re
     let mut goal_scores: Vec<(bool, f32)> = Vec::new();
     let mut oog_scores: Vec<f32> = Vec::new();
     let mut goal_accepted = 0usize;
+    let goal_conditions: Vec<usize> = (0..conditions.len())
+        .filter(|&i| test.goal.get(i).copied().unwrap_or(false))
+        .collect();
+    let mut voices: Vec<VoiceRow> = Vec::new();
     let mut clip_lines = String::new();
     for (job, features) in test.jobs.iter().zip(features) {
         let probs = model.probabilities(features)?;
@@ -1701,9 +1751,26 @@ fn measure(model: &mut IntentModel, test: &TestSet, features: &[Vec<f32>]) -> Re
         c.wrong += usize::from(u.understood && !right);
         let top_right = accepted(&any_score, &job.targets, &top);
         c.top_right += usize::from(top_right);
-        if test.goal.get(job.condition).copied().unwrap_or(false) {
+        if let Some(column) = goal_conditions.iter().position(|&i| i == job.condition) {
             goal_scores.push((top_right, top_score));
             goal_accepted += usize::from(right);
+            let variant = voice_variant(&job.voice.espeak);
+            let row = match voices.iter().position(|v| v.voice == variant) {
+                Some(r) => r,
+                None => {
+                    voices.push(VoiceRow {
+                        voice: variant.to_string(),
+                        cells: goal_conditions
+                            .iter()
+                            .map(|&i| (test.conditions[i].name.clone(), 0, 0))
+                            .collect(),
+                    });
+                    voices.len() - 1
+                }
+            };
+            let cell = &mut voices[row].cells[column];
+            cell.1 += 1;
+            cell.2 += usize::from(right);
         }
         if let (Some(Some(t)), Some(p)) = (job.targets.first(), probs.first()) {
             let heard = kith_models::intent::net::argmax(p);
@@ -1718,6 +1785,7 @@ fn measure(model: &mut IntentModel, test: &TestSet, features: &[Vec<f32>]) -> Re
         }
     }
     let infer_ms = infer_started.elapsed().as_secs_f64() * 1e3 / test.jobs.len().max(1) as f64;
+    voices.sort_by(|a, b| a.voice.cmp(&b.voice));
     Ok(Measured {
         goal_accepted: goal_accepted as f64 / goal_scores.len().max(1) as f64,
         conditions,
@@ -1748,6 +1816,7 @@ fn measure(model: &mut IntentModel, test: &TestSet, features: &[Vec<f32>]) -> Re
             v.truncate(8);
             v
         },
+        voices,
         false_accepts,
         out_of_grammar_clips: oog_clips,
         infer_ms,
@@ -2235,6 +2304,7 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
             c.pct(c.top_right)
         ));
     }
+    s.push_str(&voice_table(&r.measured.voices));
     s.push_str(&format!(
         "\nTop-choice errors per head over all {} in-grammar test clips: {}.\n",
         r.measured.conditions.iter().map(|c| c.clips).sum::<usize>(),
