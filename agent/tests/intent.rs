@@ -974,6 +974,11 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
     let fields = older.as_object_mut().expect("object");
     fields.remove("test_babble_tracks");
     fields.remove("voices");
+    // Figures of each network alone, measured on that older test.
+    fields.insert(
+        "member_goal_accepted".into(),
+        serde_json::json!([0.5, 0.25]),
+    );
     for c in fields["conditions"].as_array_mut().expect("conditions") {
         c["accepted"] = serde_json::json!(0);
     }
@@ -987,6 +992,18 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
     for key in ["train_clips", "threshold", "calibration", "training_secs"] {
         assert_eq!(u[key], m[key], "{key}");
     }
+    // The networks' own figures were of another test: gone.
+    assert_eq!(u["member_goal_accepted"], serde_json::json!([]));
+    // Measured again on the same test (the same answers), they stay.
+    let mut same = u.clone();
+    same["member_goal_accepted"] = serde_json::json!([0.5, 0.25]);
+    std::fs::write(copy.join("metrics.json"), same.to_string()).expect("write");
+    let o = kith(&["intent", "eval", "--model", p(&copy), "--update"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        metrics(&copy)["member_goal_accepted"],
+        serde_json::json!([0.5, 0.25])
+    );
     let card = std::fs::read_to_string(copy.join("MODEL_CARD.md")).expect("card");
     assert!(card.contains("Babble: cuts of 64 tracks"), "{card}");
     let clean = m["conditions"][0]["accepted"].as_f64().expect("n")
