@@ -212,13 +212,16 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
         serde_json::json!(["kitchen", "bedroom", "garden"])
     );
     let m = metrics(dir);
-    let rate = |name: &str| {
-        let c = m["conditions"]
+    let condition = |name: &str| -> &Value {
+        m["conditions"]
             .as_array()
             .expect("conditions")
             .iter()
             .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("no condition {name}"));
+            .unwrap_or_else(|| panic!("no condition {name}"))
+    };
+    let rate = |name: &str| {
+        let c = condition(name);
         c["accepted"].as_f64().expect("n") / c["clips"].as_f64().expect("n")
     };
     // Stated accuracy for this small context on its held-out sentences
@@ -260,12 +263,7 @@ fn a_small_context_trained_in_the_suite_understands_held_out_voices() {
                 .map(|v| v["cells"][k][field].as_u64().expect("n"))
                 .sum()
         };
-        let c = m["conditions"]
-            .as_array()
-            .expect("conditions")
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("no condition {name}"));
+        let c = condition(name);
         assert_eq!(Some(sum(1)), c["clips"].as_u64(), "{name}");
         assert_eq!(Some(sum(2)), c["accepted"].as_u64(), "{name}");
     }

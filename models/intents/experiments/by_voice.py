@@ -16,10 +16,10 @@ others; the model card's per-condition table cannot show it.
     python3 by_voice.py DIR [DIR...]
 """
 
-import json
 import sys
 from collections import defaultdict
-from pathlib import Path
+
+from paired import clips
 
 GOAL = [
     "clean",
@@ -36,17 +36,6 @@ ROWS = [
     ("accent, clean", None),
     ("accent, babble 12 dB", None),
 ]
-
-
-def clips(directory):
-    path = Path(directory) / "test_clips.jsonl"
-    try:
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except OSError as e:
-        sys.exit(f"cannot read {path}: {e.strerror}")
-    except json.JSONDecodeError as e:
-        sys.exit(f"{path} line {e.lineno}: not JSON ({e.msg})")
 
 
 def right(clip):
