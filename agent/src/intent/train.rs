@@ -1696,11 +1696,6 @@ fn voice_table(voices: &[VoiceRow]) -> String {
     s
 }
 
-/// The variant part of an espeak-ng voice name (see [`VoiceRow::voice`]).
-fn voice_variant(espeak: &str) -> &str {
-    espeak.rsplit('+').next().unwrap_or(espeak)
-}
-
 impl Measured {
     pub fn false_accept_rate(&self) -> f64 {
         self.false_accepts as f64 / self.out_of_grammar_clips.max(1) as f64
@@ -1762,7 +1757,7 @@ fn measure(model: &mut IntentModel, test: &TestSet, features: &[Vec<f32>]) -> Re
         if let Some(column) = goal_conditions.iter().position(|&i| i == job.condition) {
             goal_scores.push((top_right, top_score));
             goal_accepted += usize::from(right);
-            let variant = voice_variant(&job.voice.espeak);
+            let variant = job.voice.variant();
             let row = match voices.iter().position(|v| v.voice == variant) {
                 Some(r) => r,
                 None => {

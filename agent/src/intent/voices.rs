@@ -19,6 +19,14 @@ pub struct Voice {
     pub espeak: String,
 }
 
+impl Voice {
+    /// Its timbre: the variant after `+` (`m3` of `en-us+m3`), or an
+    /// MBROLA voice's whole name.
+    pub fn variant(&self) -> &str {
+        self.espeak.rsplit('+').next().unwrap_or(&self.espeak)
+    }
+}
+
 /// espeak-ng English accents used for training (and, with held-out
 /// variants, for the main test).
 const TRAIN_ACCENTS: [&str; 7] = [
@@ -260,5 +268,12 @@ mod tests {
         assert_eq!(said_on, !warned);
         // espeak-ng's own voices are not checked: they say every sound.
         assert!(can_say(&voice("en-us+m3"), turn_on).expect("no process needed"));
+    }
+
+    #[test]
+    fn a_voice_variant_is_its_timbre_whatever_the_accent() {
+        assert_eq!(voice("en-gb-scotland+steph").variant(), "steph");
+        assert_eq!(voice("en-us+steph").variant(), "steph");
+        assert_eq!(voice("mb-us3").variant(), "mb-us3");
     }
 }
