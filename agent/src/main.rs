@@ -140,6 +140,33 @@ enum IntentCommand {
         #[arg(long)]
         update: bool,
     },
+    /// Set a trained model's thresholds again, without training it again:
+    /// at another false-accept budget, or with recordings of what the
+    /// device overhears (television, talk) that it must not understand
+    Calibrate {
+        /// A model directory written by `kith intent train` (rewritten in place)
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// A WAV file, or a directory of them, the model must not understand,
+        /// heard in 4 s stretches every 2 s (repeatable)
+        #[arg(long, value_name = "PATH")]
+        negatives: Vec<PathBuf>,
+        /// The share of out-of-grammar audio the thresholds may accept, in percent
+        #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
+        false_accepts: f32,
+        /// The training run's --utterances [default: as its metrics.json records]
+        #[arg(long, value_name = "N")]
+        utterances: Option<usize>,
+        /// The training run's --noise directories (repeatable)
+        #[arg(long, value_name = "DIR")]
+        noise: Vec<PathBuf>,
+        /// Threads for synthesis [default: all cores]
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// The training run's --cache: its clips are read from there, not made again
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
     /// Understand commands in WAV files (or directories of them)
     Infer {
         /// A model directory written by `kith intent train`
@@ -487,6 +514,34 @@ fn print_measured(m: &kith::intent::train::Measured) {
     );
 }
 
+/// What `kith intent calibrate` changed, on stderr.
+fn print_recalibration(r: &kith::intent::train::Recalibration) {
+    let show = |t: &kith::intent::train::Thresholds| {
+        std::iter::once(format!("for all {:.2}", t.all))
+            .chain(t.own.iter().map(|(n, v)| format!("{n} {v:.2}")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!("thresholds before: {}", show(&r.before));
+    eprintln!("thresholds now:    {}", show(&r.after));
+    eprintln!("clips that must not be understood, accepted before → now:");
+    for (b, a) in r.accepted_before.iter().zip(&r.accepted_after) {
+        eprintln!(
+            "  {:<38} {:>4} → {:<4} of {}",
+            b.kind, b.accepted, a.accepted, a.clips
+        );
+    }
+    let goal = |m: &kith::intent::train::Measured| 100.0 * m.goal_accepted;
+    eprintln!(
+        "held-out test: goal clips accepted {:.1} % → {:.1} %; out of grammar accepted {} → {} of {}",
+        goal(&r.test_before),
+        goal(&r.test_after),
+        r.test_before.false_accepts,
+        r.test_after.false_accepts,
+        r.test_after.out_of_grammar_clips
+    );
+}
+
 fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
     use kith::intent::{self, train};
     match cmd {
@@ -602,6 +657,44 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                     opts.model.display()
                 );
             }
+            Ok(())
+        }
+        IntentCommand::Calibrate {
+            model,
+            negatives,
+            false_accepts,
+            utterances,
+            noise,
+            threads,
+            cache,
+        } => {
+            if !(false_accepts > 0.0 && false_accepts < 100.0) {
+                bail!(
+                    "--false-accepts is a percentage above 0 and under 100 (got {false_accepts})"
+                );
+            }
+            if utterances == Some(0) {
+                bail!("--utterances must be at least 1");
+            }
+            let front = train::FrontFiles::from_store(store)?;
+            let opts = train::CalibrateOptions {
+                model,
+                negatives,
+                budget: false_accepts / 100.0,
+                utterances,
+                noise_dirs: noise,
+                threads: threads
+                    .unwrap_or(train::TrainOptions::default().threads)
+                    .max(1),
+                cache,
+            };
+            let r = train::recalibrate(&front, &opts)?;
+            print_recalibration(&r);
+            print_measured(&r.test_after);
+            eprintln!(
+                "updated labels.json, metrics.json and MODEL_CARD.md in {}",
+                opts.model.display()
+            );
             Ok(())
         }
         IntentCommand::Infer { model, json, paths } => {

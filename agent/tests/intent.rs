@@ -1059,6 +1059,155 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
     );
 }
 
+/// `labels.json` of a model directory.
+fn labels(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("labels.json")).expect("labels.json"))
+        .expect("labels json")
+}
+
+/// The threshold `labels` gives `intent`: its own, else the one for all.
+fn threshold_of(labels: &Value, intent: &str) -> f64 {
+    labels["intent_thresholds"][intent]
+        .as_f64()
+        .or_else(|| labels["threshold"].as_f64())
+        .expect("a threshold")
+}
+
+/// A copy of a model directory, to rewrite.
+fn copy_model(model: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("dir");
+    for f in [
+        "intent.onnx",
+        "labels.json",
+        "context.yaml",
+        "metrics.json",
+        "MODEL_CARD.md",
+    ] {
+        std::fs::copy(model.join(f), to.join(f)).expect("copy");
+    }
+}
+
+#[test]
+fn calibrate_sets_the_thresholds_again_without_training_the_model_again() {
+    let model = small_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("cache");
+    let copy = dir.path().join("copy");
+    copy_model(model, &copy);
+    let calibrate = |model: &Path, args: &[&str]| {
+        let mut all = vec![
+            "intent",
+            "calibrate",
+            "--model",
+            p(model),
+            "--cache",
+            p(&cache),
+        ];
+        all.extend_from_slice(args);
+        kith(&all)
+    };
+
+    // On the training run's own clips (drawn again from its context, seed
+    // and sentences) at its own budget: the very thresholds training set,
+    // and the same test figures.
+    let o = calibrate(&copy, &[]);
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let (trained, again) = (labels(model), labels(&copy));
+    assert_eq!(again["threshold"], trained["threshold"], "{log}");
+    assert_eq!(
+        again["intent_thresholds"], trained["intent_thresholds"],
+        "{log}"
+    );
+    let (m, c) = (metrics(model), metrics(&copy));
+    for key in ["calibration", "conditions", "false_accepts", "train_clips"] {
+        assert_eq!(c[key], m[key], "{key}");
+    }
+
+    // Recordings of what the device overhears: here a television saying a
+    // command. The model understands it as it is...
+    let recordings = dir.path().join("recordings");
+    std::fs::create_dir_all(&recordings).expect("dir");
+    let tv = recordings.join("tv.wav");
+    say(&tv, "en-us", 150, "turn on the kitchen light");
+    let o = infer_json(&copy, &tv);
+    let answer: Value = serde_json::from_str(text(&o.stdout).trim()).expect("json");
+    assert_eq!(answer["intent"], "lightsOn", "{answer}");
+    assert_eq!(answer["understood"], true, "{answer}");
+    // ...and a truncated recording beside it is refused, named, before any
+    // clip is made, and nothing of the model changes.
+    let bytes = std::fs::read(&tv).expect("read");
+    let cut = recordings.join("cut.wav");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).expect("write");
+    let files = ["labels.json", "metrics.json", "MODEL_CARD.md"];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(copy.join(f)).expect("read"))
+        .collect();
+    let o = calibrate(&copy, &["--negatives", p(&recordings)]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("cut.wav"), "{err}");
+    assert!(!err.contains("synthesizing"), "{err}");
+    for (f, b) in files.iter().zip(&before) {
+        assert_eq!(
+            &std::fs::read(copy.join(f)).expect("read"),
+            b,
+            "{f} changed"
+        );
+    }
+    // Without it, the television's command raises lightsOn's threshold
+    // as far as the 1 % allows: its one stretch alone is three parts in
+    // seven of the clips that must not be understood.
+    std::fs::remove_file(&cut).expect("rm");
+    let o = calibrate(&copy, &["--negatives", p(&recordings)]);
+    let log = text(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("your recording"), "{log}");
+    let now = labels(&copy);
+    assert!(
+        threshold_of(&now, "lightsOn") > threshold_of(&trained, "lightsOn"),
+        "{now} against {trained}"
+    );
+    let c = metrics(&copy);
+    let recorded = c["calibration"]
+        .as_array()
+        .expect("calibration")
+        .iter()
+        .find(|k| k["kind"] == "your recording")
+        .unwrap_or_else(|| panic!("no recordings in {}", c["calibration"]));
+    assert_eq!(
+        recorded["clips"].as_u64(),
+        Some(1),
+        "a 2 s file is one stretch"
+    );
+    let card = std::fs::read_to_string(copy.join("MODEL_CARD.md")).expect("card");
+    assert!(card.contains("the user's recordings"), "{card}");
+
+    // A larger false-accept budget: the threshold for all is no higher.
+    let loose = dir.path().join("loose");
+    copy_model(model, &loose);
+    let o = calibrate(&loose, &["--false-accepts", "20"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let l = labels(&loose);
+    assert!(
+        l["threshold"].as_f64() <= trained["threshold"].as_f64(),
+        "{l} against {trained}"
+    );
+    assert_eq!(metrics(&loose)["false_accept_budget"].as_f64(), Some(0.2));
+    let card = std::fs::read_to_string(loose.join("MODEL_CARD.md")).expect("card");
+    assert!(card.contains("at most 20 %"), "{card}");
+
+    // Other sentences than the training run's draw other clips: refused.
+    let o = calibrate(&loose, &["--utterances", "77"]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("not the clips the model was trained on"),
+        "{err}"
+    );
+}
+
 #[test]
 fn the_test_clips_are_the_same_whatever_the_training_data_size() {
     // Two runs with the same seed and cache but other --utterances: the

@@ -46,6 +46,12 @@ pub fn wav_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// A whole WAV file as 16 kHz mono (up to a minute).
 pub fn read_wav(path: &Path) -> Result<Vec<i16>> {
+    read_samples(path, Some(MAX_SAMPLES))
+}
+
+/// A whole WAV file as 16 kHz mono, of at most `max` samples if given
+/// (longer is an error naming the file, as is a truncated file).
+pub fn read_samples(path: &Path, max: Option<usize>) -> Result<Vec<i16>> {
     let mut source = WavSource::open(path)?;
     let mut out = Vec::new();
     let mut buf = [0i16; 4096];
@@ -57,11 +63,13 @@ pub fn read_wav(path: &Path) -> Result<Vec<i16>> {
             return Ok(out);
         }
         out.extend_from_slice(&buf[..n]);
-        if out.len() > MAX_SAMPLES {
+        if let Some(max) = max
+            && out.len() > max
+        {
             anyhow::bail!(
                 "{} is longer than {} s: a command is a few seconds (cut the file)",
                 path.display(),
-                MAX_SAMPLES / 16_000
+                max / 16_000
             );
         }
     }

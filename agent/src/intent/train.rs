@@ -27,6 +27,10 @@ use kith_models::wake::EMBEDDING_DIM;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod calibrate;
+
+pub use calibrate::{CalibrateOptions, Recalibration, Thresholds, recalibrate};
+
 use super::augment::{self, NoiseBank, NoiseKind, Recipe};
 use super::voices::{self, Split, Voice, VoiceSet};
 use crate::progress::Bar;
@@ -186,6 +190,9 @@ enum Kind {
     /// ([`augment::REFERENCE_SPEECH_RMS`]), what a false wake in a noisy
     /// room hands the model.
     Noise,
+    /// A stretch of the user's own recordings (`kith intent calibrate
+    /// --negatives`): what the device overhears where it lives.
+    Recorded,
 }
 
 impl Kind {
@@ -196,13 +203,15 @@ impl Kind {
             Kind::Salad => "shuffled grammar words",
             Kind::Unheard => "everyday sentence never trained on",
             Kind::Noise => "noise alone",
+            Kind::Recorded => "your recording",
         }
     }
 }
 
 /// The out-of-grammar audio the threshold is calibrated on, by weight:
-/// three quarters everyday sentences never trained on, a quarter noise
-/// alone, whatever the number of clips of each.
+/// three parts everyday sentences never trained on, one part noise
+/// alone (and, when recalibrating on the user's recordings, three parts
+/// those), whatever the number of clips of each.
 ///
 /// Not the validation's everyday sentences: the networks heard them as
 /// "none" in other clips, so they score low and let the threshold fall
@@ -211,7 +220,11 @@ impl Kind {
 /// words either: fragments such as "volume to" are half a command, they
 /// held the threshold so high that clean commands were refused. Both are
 /// reported beside the threshold.
-const NEGATIVE_MIX: [(Kind, f32); 2] = [(Kind::Unheard, 3.0), (Kind::Noise, 1.0)];
+const NEGATIVE_MIX: [(Kind, f32); 3] = [
+    (Kind::Unheard, 3.0),
+    (Kind::Recorded, 3.0),
+    (Kind::Noise, 1.0),
+];
 
 /// Which part of the everyday sentences a line belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +238,13 @@ enum Part {
 }
 
 /// The order the model card lists the kinds of negative in.
-const KIND_ORDER: [Kind; 4] = [Kind::Unheard, Kind::Noise, Kind::Everyday, Kind::Salad];
+const KIND_ORDER: [Kind; 5] = [
+    Kind::Unheard,
+    Kind::Recorded,
+    Kind::Noise,
+    Kind::Everyday,
+    Kind::Salad,
+];
 
 /// How many clips of one kind of negative the chosen threshold accepts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -361,6 +380,16 @@ pub struct Report {
     /// test cut 8 tracks drawn from the training stream).
     #[serde(default = "eight_tracks")]
     pub test_babble_tracks: usize,
+    /// In-grammar training sentences the run drew (absent in the metrics
+    /// of models trained before it was recorded): with the seed, the
+    /// context and the same `--noise` directories it draws every training
+    /// clip again, as `kith intent calibrate` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utterances: Option<usize>,
+    /// The share of out-of-grammar audio ([`NEGATIVE_MIX`]) the thresholds
+    /// were set to let in at most.
+    #[serde(default = "default_budget")]
+    pub false_accept_budget: f32,
     /// What the exported model answered on the test.
     #[serde(flatten)]
     pub measured: Measured,
@@ -376,6 +405,10 @@ fn default_seed() -> u64 {
 
 fn default_test_utterances() -> usize {
     TrainOptions::default().test_utterances
+}
+
+fn default_budget() -> f32 {
+    FALSE_ACCEPT_BUDGET
 }
 
 /// Models measured before the test had babble tracks of its own cut 8.
@@ -704,14 +737,7 @@ fn render_cached(
             jobs.len(),
             path.display()
         );
-        return Ok(bytes
-            .chunks_exact(size * 4)
-            .map(|clip| {
-                clip.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
-            })
-            .collect());
+        return Ok(bytes.chunks_exact(size * 4).map(floats_of).collect());
     }
     let features = render(jobs, front, kind, bank, how.threads, label)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -725,6 +751,14 @@ fn render_cached(
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("writing the cache entry {}", path.display()))?;
     Ok(features)
+}
+
+/// Little-endian f32s, as the cache stores features.
+fn floats_of(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// Makes the features of every job on `threads` threads, with a progress bar.
@@ -1031,52 +1065,51 @@ fn pick<'a, T>(v: &'a [T], rng: &mut Rng) -> &'a T {
     &v[rng.below(v.len())]
 }
 
-/// Trains a model for `opts.context` into `opts.out`.
-pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
-    let started = Instant::now();
-    let (text, grammar) = read_context(&opts.context)?;
-    let sha = grammar_hash(&text);
-    let mut labels = labels_of(&grammar, &sha);
-    labels.front = front_of(opts);
-    // The embedding's top and the embedding of silence, when tuned.
-    let tuned = if let Some(depth) = opts.tune_front {
-        let top =
-            EmbeddingTop::load(&front.embedding, depth).context("reading the embedding's top")?;
-        let plain = CommandFront::load(&front.mel, &front.embedding)
-            .context("loading the audio front end")?;
-        Some((top, plain.silence().to_vec()))
-    } else {
-        None
-    };
-    let n_intents = grammar.intents.len();
+/// Every clip a training run makes and how it splits them, drawn from the
+/// context, the seed and the data options alone (`utterances`,
+/// `test_utterances`, `noise_dirs`): [`train`] renders and learns from
+/// them, and [`recalibrate`] draws them again to hear the very validation
+/// and calibration clips the run heard.
+struct Plan {
+    train_voices: VoiceSet,
+    test_voices: VoiceSet,
+    accent_voices: VoiceSet,
+    train_bank: NoiseBank,
+    test_bank: NoiseBank,
+    held_out: HeldOut,
+    /// Training clips: commands, negatives, slot values in foreign carriers.
+    jobs: Vec<Job>,
+    /// Of them, "not understood" examples.
+    negatives: usize,
+    /// Everyday sentences no network trains on, heard to set the thresholds.
+    calibration_jobs: Vec<Job>,
+    test: TestSet,
+    /// Indices into `jobs` in the order training takes them; the last
+    /// tenth is `validation`, held back to choose the epoch and the
+    /// thresholds.
+    training: Vec<usize>,
+    validation: Vec<usize>,
+}
+
+/// Draws the [`Plan`] of a training run of `grammar` (whose slot phrases
+/// `labels` holds) with `opts`' data options.
+fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan> {
     let train_voices = voices::voices(Split::Train)?;
     let test_voices = voices::voices(Split::Test)?;
     let accent_voices = voices::voices(Split::Accent)?;
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
     let mut rng = Rng::new(opts.seed);
-    eprintln!(
-        "context {}: {} intents, {} slots; {} training voices ({} MBROLA), {} test voices",
-        opts.context.display(),
-        n_intents,
-        grammar.slots.len(),
-        train_voices.voices.len(),
-        train_voices.mbrola,
-        test_voices.voices.len()
-    );
 
     // Noise banks: training babble from training voices and sentences, test
     // babble from test ones.
-    let oog_train = out_of_grammar(&grammar, Part::Train);
-    let oog_calibration = out_of_grammar(&grammar, Part::Calibration);
-    let oog_test = out_of_grammar(&grammar, Part::Test);
+    let oog_train = out_of_grammar(grammar, Part::Train);
+    let oog_calibration = out_of_grammar(grammar, Part::Calibration);
+    let oog_test = out_of_grammar(grammar, Part::Test);
     if oog_train.is_empty() || oog_calibration.is_empty() || oog_test.is_empty() {
         bail!("every built-in out-of-grammar sentence is in this grammar: it accepts too much");
     }
-    let synth_started = Instant::now();
     let train_bank = training_noise(&oog_train, &train_voices, &opts.noise_dirs, &mut rng)?;
     let test_bank = test_noise(&oog_test, &test_voices, opts.seed)?;
-    let held_out = HeldOut::of(&grammar, opts.seed, opts.test_utterances);
+    let held_out = HeldOut::of(grammar, opts.seed, opts.test_utterances);
     let held_texts: HashSet<String> = held_out.texts();
 
     // Training jobs.
@@ -1097,7 +1130,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         else {
             continue;
         };
-        let targets = targets_of(&grammar, &u);
+        let targets = targets_of(grammar, &u);
         said.push(u.text.clone());
         jobs.push(training_job(u.text, targets, &mut rng));
     }
@@ -1108,7 +1141,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     for k in 0..negatives {
         let (kind, text) = match k % 6 {
             0..=2 => (Kind::Everyday, pick(&oog_train, &mut rng).clone()),
-            3 | 4 => match word_salad(&grammar, &mut rng, &said) {
+            3 | 4 => match word_salad(grammar, &mut rng, &said) {
                 Some(text) => (Kind::Salad, text),
                 None => (Kind::Noise, String::new()),
             },
@@ -1119,7 +1152,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         if text.is_empty() && recipe.noise.is_none() {
             recipe.noise = Some((NoiseKind::Babble, rng.range(-5.0, 20.0)));
         }
-        let job = Job::new(text, speaker, recipe, none_targets(&grammar), &mut rng);
+        let job = Job::new(text, speaker, recipe, none_targets(grammar), &mut rng);
         jobs.push(Job { kind, ..job });
     }
 
@@ -1160,7 +1193,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     }
 
     let mut test = TestSet::new(
-        &grammar,
+        grammar,
         &held_out,
         &oog_test,
         &test_voices,
@@ -1182,7 +1215,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
                 text.clone(),
                 speaker,
                 recipe,
-                none_targets(&grammar),
+                none_targets(grammar),
                 &mut calibration_rng,
             );
             calibration_jobs.push(Job {
@@ -1203,56 +1236,97 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         );
     }
 
+    // A tenth held back for choosing the epoch and the threshold.
+    let mut training: Vec<usize> = (0..jobs.len()).collect();
+    rng.shuffle(&mut training);
+    let n_val = (training.len() / 10).max(1);
+    let validation = training.split_off(training.len().saturating_sub(n_val));
+    Ok(Plan {
+        train_voices,
+        test_voices,
+        accent_voices,
+        train_bank,
+        test_bank,
+        held_out,
+        jobs,
+        negatives,
+        calibration_jobs,
+        test,
+        training,
+        validation,
+    })
+}
+
+/// Trains a model for `opts.context` into `opts.out`.
+pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
+    let started = Instant::now();
+    let (text, grammar) = read_context(&opts.context)?;
+    let sha = grammar_hash(&text);
+    let mut labels = labels_of(&grammar, &sha);
+    labels.front = front_of(opts);
+    // The embedding's top and the embedding of silence, when tuned.
+    let tuned = if let Some(depth) = opts.tune_front {
+        let top =
+            EmbeddingTop::load(&front.embedding, depth).context("reading the embedding's top")?;
+        let plain = CommandFront::load(&front.mel, &front.embedding)
+            .context("loading the audio front end")?;
+        Some((top, plain.silence().to_vec()))
+    } else {
+        None
+    };
+    let n_intents = grammar.intents.len();
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let synth_started = Instant::now();
+    let plan = plan(&grammar, &labels, opts)?;
+    let (train_voices, test_voices) = (&plan.train_voices, &plan.test_voices);
+    eprintln!(
+        "context {}: {} intents, {} slots; {} training voices ({} MBROLA), {} test voices",
+        opts.context.display(),
+        n_intents,
+        grammar.slots.len(),
+        train_voices.voices.len(),
+        train_voices.mbrola,
+        test_voices.voices.len()
+    );
+    let (jobs, calibration_jobs, test) = (&plan.jobs, &plan.calibration_jobs, &plan.test);
+    let held_texts = plan.held_out.texts();
+
     let how = Rendering::of(opts);
     let train_features = render_cached(
-        &jobs,
+        jobs,
         front,
-        &train_bank,
+        &plan.train_bank,
         &how,
         "synthesizing training clips",
     )?;
-    let calibration_examples: Vec<Example> = render_cached(
-        &calibration_jobs,
+    let calibration_features = render_cached(
+        calibration_jobs,
         front,
-        &train_bank,
+        &plan.train_bank,
         &how,
         "synthesizing calibration clips",
-    )?
-    .into_iter()
-    .zip(&calibration_jobs)
-    .map(|(features, j)| Example {
-        features,
-        targets: j.targets.clone(),
-    })
-    .collect();
+    )?;
     let test_features = render_cached(
         &test.jobs,
         front,
-        &test_bank,
+        &plan.test_bank,
         &how,
         "synthesizing test clips",
     )?;
     let synthesis_secs = synth_started.elapsed().as_secs_f64();
 
-    // Train with a tenth held back for choosing the epoch and the threshold.
-    let mut examples: Vec<(Example, &Job)> = jobs
-        .iter()
-        .zip(train_features)
-        .map(|(j, f)| {
-            let e = Example {
-                features: f,
-                targets: j.targets.clone(),
-            };
-            (e, j)
-        })
-        .collect();
-    rng.shuffle(&mut examples);
-    let n_val = (examples.len() / 10).max(1);
-    let (validation, validation_jobs): (Vec<Example>, Vec<&Job>) = examples
-        .split_off(examples.len() - n_val)
-        .into_iter()
-        .unzip();
-    let examples: Vec<Example> = examples.into_iter().map(|(e, _)| e).collect();
+    // Train on the plan's training clips; its validation tenth chooses the
+    // epoch and the threshold. (Each clip's features move, not copy: they
+    // are most of the run's memory.)
+    let mut features: Vec<Option<Vec<f32>>> = train_features.into_iter().map(Some).collect();
+    let mut example = |i: usize| Example {
+        features: features[i].take().unwrap_or_default(),
+        targets: jobs[i].targets.clone(),
+    };
+    let examples: Vec<Example> = plan.training.iter().map(|&i| example(i)).collect();
+    let validation: Vec<Example> = plan.validation.iter().map(|&i| example(i)).collect();
+    let validation_jobs: Vec<&Job> = plan.validation.iter().map(|&i| &jobs[i]).collect();
     let shape = Shape {
         frames: FRAMES,
         dim: EMBEDDING_DIM,
@@ -1310,34 +1384,22 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         );
     }
     let training_secs = train_started.elapsed().as_secs_f64();
-    // Every clip that must not be understood: the validation's negatives
-    // and the calibration clips.
-    let negatives_heard: Vec<(&Example, &Job)> = validation
-        .iter()
-        .zip(validation_jobs.iter().copied())
-        .filter(|(_, j)| j.kind != Kind::Command)
-        .chain(calibration_examples.iter().zip(&calibration_jobs))
-        .collect();
-    // The validation's commands, to spend the calibration's 1 % on.
-    let validation_commands: Vec<(&Example, &Job)> = validation
-        .iter()
-        .zip(validation_jobs.iter().copied())
-        .filter(|(_, j)| j.kind == Kind::Command)
-        .filter(|(_, j)| matches!(j.targets.first(), Some(Some(t)) if usize::from(*t) < n_intents))
-        .collect();
-    let heard = calibrate(&nets, &mut labels, &negatives_heard, &validation_commands);
-    let calibration = KIND_ORDER
-        .iter()
-        .map(|&kind| {
-            let of_kind = heard.iter().filter(|h| h.job.kind == kind);
-            KindShare {
-                kind: kind.name().to_string(),
-                clips: of_kind.clone().count(),
-                accepted: of_kind.filter(|h| h.accepted_by(&labels)).count(),
-            }
-        })
-        .filter(|k| k.clips > 0)
-        .collect();
+    // What the thresholds are set on: every clip that must not be
+    // understood (the validation's negatives and the calibration clips)
+    // and the validation's commands, to spend the 1 % on.
+    let clips = ThresholdClips::of(
+        validation_jobs
+            .iter()
+            .copied()
+            .zip(validation.iter().map(|e| e.features.as_slice())),
+        calibration_jobs
+            .iter()
+            .zip(calibration_features.iter().map(Vec::as_slice)),
+        n_intents,
+    );
+    let answers = clips.answered(|f| Ok(Net::predict_mean(&nets, f)))?;
+    let heard = calibrate(&mut labels, &answers, FALSE_ACCEPT_BUDGET);
+    let calibration = kind_shares(&heard, &labels);
     let loudest_negatives = loudest_negatives(&heard);
     // Each member alone, on the goal conditions at its own threshold: what
     // the ensemble adds.
@@ -1348,24 +1410,25 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             .zip(&test_features)
             .filter(|(j, _)| test.goal.get(j.condition).copied().unwrap_or(false))
             .collect();
-        nets.iter()
-            .map(|net| {
-                let one = std::slice::from_ref(net);
-                let mut alone = labels.clone();
-                calibrate(one, &mut alone, &negatives_heard, &validation_commands);
-                let right = goal_jobs
-                    .iter()
-                    .filter(|(j, f)| {
-                        accepted(
-                            &alone,
-                            &j.targets,
-                            &alone.decode(&Net::predict_mean(one, f)),
-                        )
-                    })
-                    .count();
-                right as f64 / goal_jobs.len().max(1) as f64
-            })
-            .collect()
+        let mut shares = Vec::with_capacity(nets.len());
+        for net in &nets {
+            let one = std::slice::from_ref(net);
+            let mut alone = labels.clone();
+            let answers = clips.answered(|f| Ok(Net::predict_mean(one, f)))?;
+            calibrate(&mut alone, &answers, FALSE_ACCEPT_BUDGET);
+            let right = goal_jobs
+                .iter()
+                .filter(|(j, f)| {
+                    accepted(
+                        &alone,
+                        &j.targets,
+                        &alone.decode(&Net::predict_mean(one, f)),
+                    )
+                })
+                .count();
+            shares.push(right as f64 / goal_jobs.len().max(1) as f64);
+        }
+        shares
     } else {
         Vec::new()
     };
@@ -1382,30 +1445,30 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
     .with_context(|| format!("writing {}", opts.out.join(LABELS_FILE).display()))?;
     std::fs::write(opts.out.join("context.yaml"), &text)?;
     let mut model = IntentModel::load(&opts.out).context("loading the exported model on tract")?;
-    let measured = measure(&mut model, &test, &test_features)?;
+    let measured = measure(&mut model, test, &test_features)?;
     let report = Report {
         grammar_sha256: sha,
         intents: n_intents,
         slots: grammar.slots.len(),
         train_clips: examples.len(),
-        negative_clips: negatives,
+        negative_clips: plan.negatives,
         validation_clips: validation.len(),
-        calibration_clips: calibration_examples.len(),
+        calibration_clips: calibration_jobs.len(),
         calibration,
         test_clips: test.jobs.len(),
         test_sentences: held_texts.len(),
         untested_intents: (0..n_intents)
-            .filter(|i| !held_out.tested.contains(i))
+            .filter(|i| !plan.held_out.tested.contains(i))
             .map(|i| labels.intents[i].clone())
             .collect(),
         train_voices: train_voices.voices.len(),
         test_voices: test_voices.voices.len(),
-        accent_voices: accent_voices.voices.len(),
+        accent_voices: plan.accent_voices.voices.len(),
         held_out_accent: voices::HELD_OUT_ACCENT.to_string(),
         mbrola_voices: train_voices.mbrola + test_voices.mbrola,
         train_rates: train_voices.rates.clone(),
         test_rates: test_voices.rates.clone(),
-        noise_recordings: train_bank.recorded.len(),
+        noise_recordings: plan.train_bank.recorded.len(),
         parameters: nets.iter().map(Net::parameters).sum(),
         members,
         epochs: opts.epochs,
@@ -1429,7 +1492,9 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         total_secs: started.elapsed().as_secs_f64(),
         seed: opts.seed,
         test_utterances: opts.test_utterances,
-        test_babble_tracks: test_bank.babble.len(),
+        test_babble_tracks: plan.test_bank.babble.len(),
+        utterances: Some(opts.utterances),
+        false_accept_budget: FALSE_ACCEPT_BUDGET,
         measured,
     };
     std::fs::write(opts.out.join(TEST_CLIPS_FILE), &report.measured.clip_lines)
@@ -1484,6 +1549,16 @@ pub struct Evaluation {
 pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
     let mut model = IntentModel::load(&opts.model)
         .with_context(|| format!("loading the intent model {}", opts.model.display()))?;
+    evaluate_model(front, &mut model, opts)
+}
+
+/// [`evaluate`] for `model` as loaded (or given other thresholds) from
+/// `opts.model`.
+fn evaluate_model(
+    front: &FrontFiles,
+    model: &mut IntentModel,
+    opts: &EvalOptions,
+) -> Result<Evaluation> {
     let context = opts.model.join("context.yaml");
     let (text, grammar) = read_context(&context)?;
     let sha = grammar_hash(&text);
@@ -1542,7 +1617,7 @@ pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
         "synthesizing test clips",
     )?;
     let synthesis_secs = started.elapsed().as_secs_f64();
-    let measured = measure(&mut model, &test, &features)?;
+    let measured = measure(model, &test, &features)?;
     Ok(Evaluation {
         grammar_sha256: sha,
         seed,
@@ -1601,6 +1676,20 @@ pub fn update_figures(model: &Path, e: &Evaluation) -> Result<Report> {
         );
     }
     same_test(&report, Some(e.seed), Some(e.test_utterances))?;
+    apply_figures(&mut report, e);
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(
+        model.join("MODEL_CARD.md"),
+        card(&model.join("context.yaml"), &e.labels, &report),
+    )
+    .with_context(|| format!("writing into {}", model.display()))?;
+    Ok(report)
+}
+
+/// Puts what [`evaluate`] measured into `report`, keeping what its
+/// training run recorded.
+fn apply_figures(report: &mut Report, e: &Evaluation) {
     // Each network alone was measured on the training run's test, which
     // eval cannot do again (the model is their average): their figures
     // stay only if this is that test, which the model's answers show
@@ -1616,14 +1705,6 @@ pub fn update_figures(model: &Path, e: &Evaluation) -> Result<Report> {
     report.test_clips = e.test_clips;
     report.test_sentences = e.test_sentences;
     report.measured = e.measured.clone();
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::write(
-        model.join("MODEL_CARD.md"),
-        card(&model.join("context.yaml"), &e.labels, &report),
-    )
-    .with_context(|| format!("writing into {}", model.display()))?;
-    Ok(report)
 }
 
 /// What the model answered on the held-out test (part of `metrics.json`).
@@ -1923,23 +2004,111 @@ fn accepted(
     got == want
 }
 
+/// The share of out-of-grammar audio ([`NEGATIVE_MIX`]) training lets the
+/// thresholds accept, at most.
+pub const FALSE_ACCEPT_BUDGET: f32 = 0.01;
+
+/// What a clip that must not be understood is, as the card names it.
+#[derive(Debug, Clone)]
+struct NegativeClip {
+    kind: Kind,
+    /// What was said (empty: noise alone; for a recording, its file and
+    /// span).
+    text: String,
+    noise: Noise,
+}
+
+impl NegativeClip {
+    fn of(job: &Job) -> NegativeClip {
+        NegativeClip {
+            kind: job.kind,
+            text: job.text.clone(),
+            noise: job.recipe.noise,
+        }
+    }
+}
+
+/// The clips thresholds are set on, with their features: every clip that
+/// must not be understood (the validation's negatives, the calibration
+/// clips and, when recalibrating, the user's recordings) and the
+/// validation's commands.
+struct ThresholdClips<'a> {
+    negatives: Vec<(NegativeClip, &'a [f32])>,
+    /// Each command's targets and features.
+    commands: Vec<(&'a [Option<u16>], &'a [f32])>,
+}
+
+/// Each head's probabilities for one clip.
+type Probabilities = Vec<Vec<f32>>;
+
+/// What networks answered for [`ThresholdClips`]: per clip, each head's
+/// probabilities (for a command, beside its targets).
+struct Answers {
+    negatives: Vec<(NegativeClip, Probabilities)>,
+    commands: Vec<(Vec<Option<u16>>, Probabilities)>,
+}
+
+impl<'a> ThresholdClips<'a> {
+    /// The negatives and commands (of one of `intents`) of the
+    /// validation, then the calibration clips; each clip with its features.
+    fn of(
+        validation: impl Iterator<Item = (&'a Job, &'a [f32])>,
+        calibration: impl Iterator<Item = (&'a Job, &'a [f32])>,
+        intents: usize,
+    ) -> Self {
+        let mut negatives = Vec::new();
+        let mut commands = Vec::new();
+        for (job, f) in validation {
+            if job.kind != Kind::Command {
+                negatives.push((NegativeClip::of(job), f));
+            } else if matches!(job.targets.first(), Some(Some(t)) if usize::from(*t) < intents) {
+                commands.push((job.targets.as_slice(), f));
+            }
+        }
+        negatives.extend(calibration.map(|(job, f)| (NegativeClip::of(job), f)));
+        ThresholdClips {
+            negatives,
+            commands,
+        }
+    }
+
+    /// What `predict` (features in, each head's probabilities out)
+    /// answers for every clip.
+    fn answered(
+        &self,
+        mut predict: impl FnMut(&[f32]) -> Result<Probabilities>,
+    ) -> Result<Answers> {
+        let mut answers = Answers {
+            negatives: Vec::with_capacity(self.negatives.len()),
+            commands: Vec::with_capacity(self.commands.len()),
+        };
+        for (clip, f) in &self.negatives {
+            answers.negatives.push((clip.clone(), predict(f)?));
+        }
+        for (targets, f) in &self.commands {
+            answers.commands.push((targets.to_vec(), predict(f)?));
+        }
+        Ok(answers)
+    }
+}
+
 /// A clip that must not be understood, as the networks heard it.
 struct Heard<'a> {
-    job: &'a Job,
+    clip: &'a NegativeClip,
     /// The intent it was heard as (`None`: "none").
     intent: Option<String>,
     /// That intent's score (0 when heard as "none").
     score: f32,
 }
 
-/// What the networks make of each negative clip.
-fn hear<'a>(nets: &[Net], labels: &Labels, negatives: &[(&Example, &'a Job)]) -> Vec<Heard<'a>> {
+/// What the networks' answers mean for each negative clip.
+fn hear<'a>(labels: &Labels, negatives: &'a [(NegativeClip, Probabilities)]) -> Vec<Heard<'a>> {
     negatives
         .iter()
-        .map(|(e, job)| {
-            let u = labels.decode(&Net::predict_mean(nets, &e.features));
+        .map(|(clip, probs)| {
+            let u = labels.decode(probs);
             Heard {
-                job,
+                clip,
                 score: if u.intent.is_some() { u.score } else { 0.0 },
                 intent: u.intent,
             }
@@ -1958,17 +2127,13 @@ impl Heard<'_> {
 }
 
 /// Sets `labels`' threshold for all ([`lowest_threshold`]) and, where
-/// they do better on the validation's `commands`, each intent's own
-/// ([`intent_thresholds`]), from what `nets` make of `negatives`; returns
-/// that.
-fn calibrate<'a>(
-    nets: &[Net],
-    labels: &mut Labels,
-    negatives: &[(&Example, &'a Job)],
-    commands: &[(&Example, &Job)],
-) -> Vec<Heard<'a>> {
-    let heard = hear(nets, labels, negatives);
-    labels.threshold = lowest_threshold(&scores_of(&heard));
+/// they do better on the validation's commands, each intent's own
+/// ([`intent_thresholds`]), from what the networks answered for the
+/// negatives and commands, letting in at most `budget` of the negatives;
+/// returns how each negative was heard.
+fn calibrate<'a>(labels: &mut Labels, answers: &'a Answers, budget: f32) -> Vec<Heard<'a>> {
+    let heard = hear(labels, &answers.negatives);
+    labels.threshold = lowest_threshold(&scores_of(&heard), budget);
     labels.intent_thresholds.clear();
     let index = |name: &Option<String>| {
         name.as_ref()
@@ -1976,27 +2141,50 @@ fn calibrate<'a>(
     };
     let scored: Vec<(Kind, Option<usize>, f32)> = heard
         .iter()
-        .map(|h| (h.job.kind, index(&h.intent), h.score))
+        .map(|h| (h.clip.kind, index(&h.intent), h.score))
         .collect();
     let mut any = labels.clone();
     any.threshold = 0.0;
-    let answers: Vec<(usize, bool, f32)> = commands
+    let commands: Vec<(usize, bool, f32)> = answers
+        .commands
         .iter()
-        .filter_map(|(e, j)| {
-            let u = any.decode(&Net::predict_mean(nets, &e.features));
-            Some((index(&u.intent)?, accepted(&any, &j.targets, &u), u.score))
+        .filter_map(|(targets, probs)| {
+            let u = any.decode(probs);
+            Some((index(&u.intent)?, accepted(&any, targets, &u), u.score))
         })
         .collect();
-    if let Some(own) = intent_thresholds(labels.intents.len(), &scored, &answers, labels.threshold)
-    {
+    if let Some(own) = intent_thresholds(
+        labels.intents.len(),
+        &scored,
+        &commands,
+        labels.threshold,
+        budget,
+    ) {
         labels.intent_thresholds = labels.intents.iter().cloned().zip(own).collect();
     }
     heard
 }
 
+/// Per kind of negative, in the card's order: its clips and how many
+/// `labels`' thresholds accept.
+fn kind_shares(heard: &[Heard], labels: &Labels) -> Vec<KindShare> {
+    KIND_ORDER
+        .iter()
+        .map(|&kind| {
+            let of_kind = heard.iter().filter(|h| h.clip.kind == kind);
+            KindShare {
+                kind: kind.name().to_string(),
+                clips: of_kind.clone().count(),
+                accepted: of_kind.filter(|h| h.accepted_by(labels)).count(),
+            }
+        })
+        .filter(|k| k.clips > 0)
+        .collect()
+}
+
 /// Each heard negative's kind and score.
 fn scores_of(heard: &[Heard]) -> Vec<(Kind, f32)> {
-    heard.iter().map(|h| (h.job.kind, h.score)).collect()
+    heard.iter().map(|h| (h.clip.kind, h.score)).collect()
 }
 
 /// The [`LOUDEST_NEGATIVES`] negatives the networks scored highest,
@@ -2006,9 +2194,9 @@ fn loudest_negatives(heard: &[Heard]) -> Vec<ScoredNegative> {
         .iter()
         .filter_map(|h| {
             Some(ScoredNegative {
-                kind: h.job.kind.name().to_string(),
-                text: h.job.text.clone(),
-                noise: noise_name(h.job.recipe.noise),
+                kind: h.clip.kind.name().to_string(),
+                text: h.clip.text.clone(),
+                noise: noise_name(h.clip.noise),
                 heard: h.intent.clone()?,
                 score: h.score,
             })
@@ -2027,13 +2215,13 @@ fn noise_name(noise: Noise) -> String {
     }
 }
 
-/// The lowest threshold at which at most 1 % of out-of-grammar audio
-/// mixed as [`NEGATIVE_MIX`] says is accepted (`scored`: each negative's
+/// The lowest threshold at which at most `budget` (a share: 0.01 is 1 %)
+/// of out-of-grammar audio mixed as [`NEGATIVE_MIX`] says is accepted (`scored`: each negative's
 /// kind and the score of whatever intent it was heard as; a kind with no
 /// clips drops out of the mix), searched in steps of 0.01 from 0.30 to
 /// 0.99; else 0.99: a model that cannot reject out-of-grammar speech
 /// should say "not understood" rather than guess.
-fn lowest_threshold(scored: &[(Kind, f32)]) -> f32 {
+fn lowest_threshold(scored: &[(Kind, f32)], budget: f32) -> f32 {
     let cost = share_of_one(scored.iter().map(|s| s.0));
     let accepted_share = |t: f32| {
         scored
@@ -2044,7 +2232,7 @@ fn lowest_threshold(scored: &[(Kind, f32)]) -> f32 {
     };
     (30..=99)
         .map(|c| c as f32 / 100.0)
-        .find(|&t| accepted_share(t) <= 0.01 + 1e-6)
+        .find(|&t| accepted_share(t) <= budget + 1e-6)
         .unwrap_or(0.99)
 }
 
@@ -2072,7 +2260,7 @@ fn share_of_one(kinds: impl Iterator<Item = Kind> + Clone) -> impl Fn(Kind) -> f
 /// guesses, and a sparse calibration set cannot vouch for it.
 const INTENT_THRESHOLD_FLOOR: usize = 50;
 
-/// Thresholds of each intent's own, for the same 1 % of out-of-grammar
+/// Thresholds of each intent's own, for the same `budget` of out-of-grammar
 /// audio as [`lowest_threshold`] allows in all, spent where it buys the
 /// most commands: `negatives` are each calibration negative's kind, the
 /// intent it was heard as and that answer's score; `commands` each
@@ -2085,7 +2273,7 @@ const INTENT_THRESHOLD_FLOOR: usize = 50;
 /// at 1.00, and the step that lowers one intent's threshold (in
 /// hundredths, never under [`INTENT_THRESHOLD_FLOOR`]) with the most
 /// commands gained (right answers less wrong ones) per share of
-/// negatives let in is taken, while the share stays within 1 % (an
+/// negatives let in is taken, while the share stays within `budget` (an
 /// intent no command was heard as stays at `global`). `None`
 /// when that does no better on the validation commands than `global`
 /// for all.
@@ -2094,6 +2282,7 @@ fn intent_thresholds(
     negatives: &[(Kind, Option<usize>, f32)],
     commands: &[(usize, bool, f32)],
     global: f32,
+    budget: f32,
 ) -> Option<Vec<f32>> {
     let cost_of = share_of_one(negatives.iter().map(|n| n.0));
     let costly: Vec<(usize, f32, f32)> = negatives
@@ -2146,7 +2335,7 @@ fn intent_thresholds(
         for (i, &now) in th.iter().enumerate() {
             for to in INTENT_THRESHOLD_FLOOR..now {
                 let (gain, cost) = step(i, now, to);
-                if gain <= 0 || used + cost > 0.01 + 1e-6 {
+                if gain <= 0 || used + cost > budget + 1e-6 {
                     continue;
                 }
                 let ratio = if cost > 0.0 {
@@ -2249,11 +2438,21 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
             String::new()
         }
     ));
+    let budget = format!("{} %", 100.0 * r.false_accept_budget);
+    let mix = if r
+        .calibration
+        .iter()
+        .any(|k| k.kind == Kind::Recorded.name())
+    {
+        "three parts everyday sentences never trained on, three parts the user's recordings and one part noise alone"
+    } else {
+        "three parts everyday sentences never trained on and one part noise alone"
+    };
     let own = if r.intent_thresholds.is_empty() {
         String::new()
     } else {
         format!(
-            " That 1 % is spent where it buys most: each intent has a threshold of its own (`intent_thresholds` in `labels.json`), lowered in hundredths, never under {:.2}, while it gains the validation's commands more right answers than wrong ones per negative let in: {}. Where one threshold for all would refuse commands that no negative comes near, these accept them.",
+            " That {budget} is spent where it buys most: each intent has a threshold of its own (`intent_thresholds` in `labels.json`), lowered in hundredths, never under {:.2}, while it gains the validation's commands more right answers than wrong ones per negative let in: {}. Where one threshold for all would refuse commands that no negative comes near, these accept them.",
             INTENT_THRESHOLD_FLOOR as f32 / 100.0,
             r.intent_thresholds
                 .iter()
@@ -2263,7 +2462,7 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         )
     };
     s.push_str(&format!(
-        "- Score threshold: {:.2}, the lowest at which at most 1 % of three parts everyday sentences never trained on and one part noise alone is accepted.{own} At {}: {}; validation accuracy {:.1}%\n- Time: {:.0} s synthesis and features, {:.0} s training, {:.0} s in all\n\n",
+        "- Score threshold: {:.2}, the lowest at which at most {budget} of {mix} is accepted.{own} At {}: {}; validation accuracy {:.1}%\n- Time: {:.0} s synthesis and features, {:.0} s training, {:.0} s in all\n\n",
         r.threshold,
         if r.intent_thresholds.is_empty() { "it" } else { "them" },
         r.calibration
@@ -2463,16 +2662,16 @@ mod tests {
             (Kind::Unheard, 0.93),
             (Kind::Unheard, 0.97),
         ]);
-        assert_eq!(lowest_threshold(&scored), 0.86);
+        assert_eq!(lowest_threshold(&scored, 0.01), 0.86);
         // Every negative under 0.2: the search starts at 0.30.
         let quiet: Vec<(Kind, f32)> = (0..100).map(|k| (Kind::Noise, k as f32 / 500.0)).collect();
-        assert_eq!(lowest_threshold(&quiet), 0.3);
+        assert_eq!(lowest_threshold(&quiet, 0.01), 0.3);
         // A model that accepts a tenth of the negatives with certainty gets
         // the strictest threshold, not a guess.
         let loud: Vec<(Kind, f32)> = (0..100)
             .map(|k| (Kind::Unheard, if k < 10 { 1.0 } else { 0.1 }))
             .collect();
-        assert_eq!(lowest_threshold(&loud), 0.99);
+        assert_eq!(lowest_threshold(&loud, 0.01), 0.99);
     }
 
     #[test]
@@ -2488,8 +2687,8 @@ mod tests {
             (0..20).map(|k| (1, true, 0.6 + k as f32 / 100.0)).collect();
         commands.extend((0..10).map(|k| (0, true, 0.9 + k as f32 / 100.0)));
         let one: Vec<(Kind, f32)> = negatives.iter().map(|n| (n.0, n.2)).collect();
-        assert_eq!(lowest_threshold(&one), 0.86);
-        let own = intent_thresholds(2, &negatives, &commands, 0.86).expect("better than one");
+        assert_eq!(lowest_threshold(&one, 0.01), 0.86);
+        let own = intent_thresholds(2, &negatives, &commands, 0.86, 0.01).expect("better than one");
         // Intent 1 falls to the floor at no cost; intent 0 spends the
         // budget's one negative (0.95 is over 0.9, its commands' lowest).
         assert_eq!(own, vec![0.86, 0.5]);
@@ -2498,7 +2697,7 @@ mod tests {
         for c in commands.iter_mut().filter(|c| c.0 == 1 && c.2 < 0.695) {
             c.1 = false;
         }
-        let own = intent_thresholds(2, &negatives, &commands, 0.86).expect("better than one");
+        let own = intent_thresholds(2, &negatives, &commands, 0.86, 0.01).expect("better than one");
         assert_eq!(own[1], 0.7);
         // An intent the validation never heard keeps the threshold for
         // all, and its negatives over it count against the budget.
@@ -2507,7 +2706,7 @@ mod tests {
             .copied()
             .chain([(Kind::Unheard, Some(2), 0.9)])
             .collect();
-        let own = intent_thresholds(3, &three, &commands, 0.86).expect("better than one");
+        let own = intent_thresholds(3, &three, &commands, 0.86, 0.01).expect("better than one");
         assert_eq!(own[2], 0.86);
         assert!(
             own[0] > 0.95,
@@ -2515,11 +2714,11 @@ mod tests {
         );
         // Nothing to gain: one threshold for all stays.
         let quiet: Vec<(usize, bool, f32)> = (0..10).map(|k| (k % 2, true, 0.99)).collect();
-        assert_eq!(intent_thresholds(2, &negatives, &quiet, 0.86), None);
+        assert_eq!(intent_thresholds(2, &negatives, &quiet, 0.86, 0.01), None);
         // The budget holds in all: a third loud negative for intent 1 at
         // 0.6 cannot be let in while intent 0 spends it, nor the other way.
         negatives.push((Kind::Unheard, Some(1), 0.6));
-        let own = intent_thresholds(2, &negatives, &commands, 0.86).expect("better than one");
+        let own = intent_thresholds(2, &negatives, &commands, 0.86, 0.01).expect("better than one");
         let accepted = negatives
             .iter()
             .filter(|n| n.1.is_some_and(|i| n.2 >= own[i]))
@@ -2535,11 +2734,11 @@ mod tests {
         let mut scored: Vec<(Kind, f32)> = vec![(Kind::Unheard, 0.1); 100];
         scored.extend(vec![(Kind::Salad, 0.99); 50]);
         scored.extend(vec![(Kind::Everyday, 0.99); 50]);
-        assert_eq!(lowest_threshold(&scored), 0.3);
+        assert_eq!(lowest_threshold(&scored, 0.01), 0.3);
         scored.push((Kind::Unheard, 0.8));
         scored.push((Kind::Unheard, 0.7));
         // 2 of 102 unheard: over 1 % until the threshold passes 0.7.
-        assert_eq!(lowest_threshold(&scored), 0.71);
+        assert_eq!(lowest_threshold(&scored, 0.01), 0.71);
     }
 
     #[test]
@@ -2552,7 +2751,7 @@ mod tests {
             let mut scored: Vec<(Kind, f32)> = vec![(Kind::Unheard, 0.1); everyday];
             scored
                 .extend((0..noise).map(|k| (Kind::Noise, if k < loud_noise { 0.9 } else { 0.1 })));
-            lowest_threshold(&scored)
+            lowest_threshold(&scored, 0.01)
         };
         assert_eq!(mix(1000, 100, 5), 0.91);
         // 20 of 1,000 noise clips are a 0.5 % share: allowed, though

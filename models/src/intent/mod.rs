@@ -463,6 +463,13 @@ impl IntentModel {
         self.labels.front
     }
 
+    /// Takes `from`'s thresholds (for all, and each intent's own) in place
+    /// of its own.
+    pub fn set_thresholds(&mut self, from: &Labels) {
+        self.labels.threshold = from.threshold;
+        self.labels.intent_thresholds = from.intent_thresholds.clone();
+    }
+
     /// Every head's probabilities for one input ([`Front::features`] values).
     pub fn probabilities(&mut self, features: &[f32]) -> Result<Vec<Vec<f32>>, ModelError> {
         let expected = self.labels.front.features();
