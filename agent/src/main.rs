@@ -111,6 +111,10 @@ enum IntentCommand {
         /// plain network's cost [default: all]
         #[arg(long, value_name = "N", requires = "tune_front")]
         front_epochs: Option<usize>,
+        /// The share of out-of-grammar audio the thresholds may accept, in
+        /// percent (`kith intent calibrate` can set it again later)
+        #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
+        false_accepts: f32,
     },
     /// Measure a trained model again on its held-out test clips (made again
     /// from its context and seed), e.g. to compare two models clip by clip
@@ -514,6 +518,14 @@ fn print_measured(m: &kith::intent::train::Measured) {
     );
 }
 
+/// `--false-accepts` is a percentage: above 0, under 100.
+fn check_false_accepts(percent: f32) -> Result<()> {
+    if !(percent > 0.0 && percent < 100.0) {
+        bail!("--false-accepts is a percentage above 0 and under 100 (got {percent})");
+    }
+    Ok(())
+}
+
 /// What `kith intent calibrate` changed, on stderr.
 fn print_recalibration(r: &kith::intent::train::Recalibration) {
     let show = |t: &kith::intent::train::Thresholds| {
@@ -560,7 +572,9 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             members,
             tune_front,
             front_epochs,
+            false_accepts,
         } => {
+            check_false_accepts(false_accepts)?;
             if utterances == 0 || epochs == 0 || channels == 0 {
                 bail!("--utterances, --epochs and --channels must be at least 1");
             }
@@ -582,6 +596,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 members: members as usize,
                 tune_front,
                 front_epochs,
+                false_accepts: false_accepts / 100.0,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {
@@ -668,11 +683,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             threads,
             cache,
         } => {
-            if !(false_accepts > 0.0 && false_accepts < 100.0) {
-                bail!(
-                    "--false-accepts is a percentage above 0 and under 100 (got {false_accepts})"
-                );
-            }
+            check_false_accepts(false_accepts)?;
             if utterances == Some(0) {
                 bail!("--utterances must be at least 1");
             }

@@ -1206,6 +1206,36 @@ fn calibrate_sets_the_thresholds_again_without_training_the_model_again() {
         err.contains("not the clips the model was trained on"),
         "{err}"
     );
+    // A budget is a percentage; training takes the same option.
+    let never = dir.path().join("never");
+    let context = loose.join("context.yaml");
+    for args in [
+        vec![
+            "intent",
+            "calibrate",
+            "--model",
+            p(&loose),
+            "--false-accepts",
+            "0",
+        ],
+        vec![
+            "intent",
+            "train",
+            "--context",
+            p(&context),
+            "--out",
+            p(&never),
+            "--false-accepts",
+            "100",
+        ],
+    ] {
+        let o = kith(&args);
+        let err = text(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains("--false-accepts is a percentage"), "{err}");
+        assert!(!err.contains("synthesizing"), "{err}");
+    }
+    assert!(!never.exists());
 }
 
 #[test]

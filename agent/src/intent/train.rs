@@ -78,6 +78,8 @@ pub struct TrainOptions {
     /// With `tune_front`: of the epochs, how many (the last) train the
     /// embedding's layers (`None`: all).
     pub front_epochs: Option<usize>,
+    /// The share of out-of-grammar audio the thresholds may accept.
+    pub false_accepts: f32,
 }
 
 impl Default for TrainOptions {
@@ -97,6 +99,7 @@ impl Default for TrainOptions {
             cache: None,
             tune_front: None,
             front_epochs: None,
+            false_accepts: FALSE_ACCEPT_BUDGET,
         }
     }
 }
@@ -1398,7 +1401,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         n_intents,
     );
     let answers = clips.answered(|f| Ok(Net::predict_mean(&nets, f)))?;
-    let heard = calibrate(&mut labels, &answers, FALSE_ACCEPT_BUDGET);
+    let heard = calibrate(&mut labels, &answers, opts.false_accepts);
     let calibration = kind_shares(&heard, &labels);
     let loudest_negatives = loudest_negatives(&heard);
     // Each member alone, on the goal conditions at its own threshold: what
@@ -1415,7 +1418,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
             let one = std::slice::from_ref(net);
             let mut alone = labels.clone();
             let answers = clips.answered(|f| Ok(Net::predict_mean(one, f)))?;
-            calibrate(&mut alone, &answers, FALSE_ACCEPT_BUDGET);
+            calibrate(&mut alone, &answers, opts.false_accepts);
             let right = goal_jobs
                 .iter()
                 .filter(|(j, f)| {
@@ -1494,7 +1497,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         test_utterances: opts.test_utterances,
         test_babble_tracks: plan.test_bank.babble.len(),
         utterances: Some(opts.utterances),
-        false_accept_budget: FALSE_ACCEPT_BUDGET,
+        false_accept_budget: opts.false_accepts,
         measured,
     };
     std::fs::write(opts.out.join(TEST_CLIPS_FILE), &report.measured.clip_lines)
@@ -2005,7 +2008,7 @@ fn accepted(
 }
 
 /// The share of out-of-grammar audio ([`NEGATIVE_MIX`]) training lets the
-/// thresholds accept, at most.
+/// thresholds accept, at most, unless told otherwise.
 pub const FALSE_ACCEPT_BUDGET: f32 = 0.01;
 
 /// What a clip that must not be understood is, as the card names it.
