@@ -12,6 +12,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 
+use super::thresholds::{NegativeClip, hear};
 use super::*;
 
 /// Recordings are heard in stretches of this many samples (4 s: what a
