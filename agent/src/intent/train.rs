@@ -1543,6 +1543,23 @@ pub fn evaluate(front: &FrontFiles, opts: &EvalOptions) -> Result<Evaluation> {
     evaluate_model(front, &mut model, opts)
 }
 
+/// The grammar of the model in `dir` (whose labels are `labels`) from its
+/// `context.yaml`, and that file's hash; refused if it is not the context
+/// the model was trained on.
+fn model_grammar(dir: &Path, labels: &Labels) -> Result<(Grammar, String)> {
+    let context = dir.join("context.yaml");
+    let (text, grammar) = read_context(&context)?;
+    let sha = grammar_hash(&text);
+    if sha != labels.grammar_sha256 {
+        bail!(
+            "{} is not the context the model was trained on (sha256 {sha}, the model's labels say {})",
+            context.display(),
+            labels.grammar_sha256
+        );
+    }
+    Ok((grammar, sha))
+}
+
 /// [`evaluate`] for `model` as loaded (or given other thresholds) from
 /// `opts.model`.
 fn evaluate_model(
@@ -1550,16 +1567,7 @@ fn evaluate_model(
     model: &mut IntentModel,
     opts: &EvalOptions,
 ) -> Result<Evaluation> {
-    let context = opts.model.join("context.yaml");
-    let (text, grammar) = read_context(&context)?;
-    let sha = grammar_hash(&text);
-    if sha != model.labels().grammar_sha256 {
-        bail!(
-            "{} is not the context the model was trained on (sha256 {sha}, the model's labels say {})",
-            context.display(),
-            model.labels().grammar_sha256
-        );
-    }
+    let (grammar, sha) = model_grammar(&opts.model, model.labels())?;
     // What the training run recorded (older models recorded neither).
     let recorded: serde_json::Value = std::fs::read_to_string(opts.model.join("metrics.json"))
         .ok()

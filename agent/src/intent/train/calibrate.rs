@@ -91,13 +91,12 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
     let mut report = read_report(dir)?;
     let mut model = IntentModel::load(dir)
         .with_context(|| format!("loading the intent model {}", dir.display()))?;
-    let (text, grammar) = read_context(&dir.join("context.yaml"))?;
-    let sha = grammar_hash(&text);
-    if sha != model.labels().grammar_sha256 || sha != report.grammar_sha256 {
+    let (grammar, sha) = model_grammar(dir, model.labels())?;
+    if sha != report.grammar_sha256 {
         bail!(
-            "{} is not the context the model was trained on (sha256 {sha}, the model's labels say {})",
-            dir.join("context.yaml").display(),
-            model.labels().grammar_sha256
+            "{} is of another context than the model (sha256 {}, the context {sha})",
+            dir.join("metrics.json").display(),
+            report.grammar_sha256
         );
     }
     let Some(utterances) = opts.utterances.or(report.utterances) else {
