@@ -1471,11 +1471,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         member_goal_accepted,
         model_bytes: std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0),
         threshold: labels.threshold,
-        intent_thresholds: labels
-            .intents
-            .iter()
-            .filter_map(|n| Some((n.clone(), *labels.intent_thresholds.get(n)?)))
-            .collect(),
+        intent_thresholds: Thresholds::of(&labels).own,
         validation_accuracy,
         loudest_negatives,
         synthesis_secs,

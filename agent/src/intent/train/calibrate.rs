@@ -49,7 +49,8 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    fn of(labels: &Labels) -> Thresholds {
+    /// `labels`' thresholds, each intent's own in the intents' order.
+    pub(super) fn of(labels: &Labels) -> Thresholds {
         Thresholds {
             all: labels.threshold,
             own: labels
