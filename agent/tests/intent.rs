@@ -1032,6 +1032,18 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
         "{err}"
     );
     assert!(!err.contains("synthesizing"), "{err}");
+    // A metrics.json cut short is not read as "no record" (which would
+    // measure another test): refused by name, before any clip is made.
+    let whole = std::fs::read_to_string(copy.join("metrics.json")).expect("metrics");
+    std::fs::write(copy.join("metrics.json"), &whole[..whole.len() / 2]).expect("write");
+    let o = kith(&["intent", "eval", "--model", p(&copy)]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("metrics.json is not a kith model's metrics"),
+        "{err}"
+    );
+    assert!(!err.contains("synthesizing"), "{err}");
     // Without a training run's metrics there is nothing to update: said
     // before any clip is made.
     std::fs::remove_file(copy.join("metrics.json")).expect("rm");

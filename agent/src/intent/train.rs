@@ -1556,6 +1556,33 @@ fn model_grammar(dir: &Path, labels: &Labels) -> Result<(Grammar, String)> {
     Ok((grammar, sha))
 }
 
+/// What a model's `metrics.json` says its test was drawn with: older
+/// models recorded neither, and a model copied without its metrics has none.
+#[derive(Debug, Default, Deserialize)]
+struct TestRecord {
+    seed: Option<u64>,
+    test_utterances: Option<usize>,
+}
+
+impl TestRecord {
+    /// `dir`'s record (empty without a `metrics.json`); a `metrics.json`
+    /// that cannot be read as one is an error, not the defaults.
+    fn of(dir: &Path) -> Result<TestRecord> {
+        let path = dir.join("metrics.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TestRecord::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a kith model's metrics (move it away to measure the model on the default test)",
+                path.display()
+            )
+        })
+    }
+}
+
 /// [`evaluate`] for `model` as loaded (or given other thresholds) from
 /// `opts.model`.
 fn evaluate_model(
@@ -1564,19 +1591,12 @@ fn evaluate_model(
     opts: &EvalOptions,
 ) -> Result<Evaluation> {
     let (grammar, sha) = model_grammar(&opts.model, model.labels())?;
-    // What the training run recorded (older models recorded neither).
-    let recorded: serde_json::Value = std::fs::read_to_string(opts.model.join("metrics.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let recorded = TestRecord::of(&opts.model)?;
     let defaults = TrainOptions::default();
-    let seed = opts
-        .seed
-        .or_else(|| recorded["seed"].as_u64())
-        .unwrap_or(defaults.seed);
+    let seed = opts.seed.or(recorded.seed).unwrap_or(defaults.seed);
     let test_utterances = opts
         .test_utterances
-        .or_else(|| recorded["test_utterances"].as_u64().map(|n| n as usize))
+        .or(recorded.test_utterances)
         .unwrap_or(defaults.test_utterances);
 
     let test_voices = voices::voices(Split::Test)?;
