@@ -115,6 +115,12 @@ enum IntentCommand {
         /// percent (`kith intent calibrate` can set it again later)
         #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
         false_accepts: f32,
+        /// Keep the shuffled-grammar-word "not understood" examples two
+        /// words or more from every sentence of the grammar, so that the
+        /// network does not learn to refuse sentences one word from the ones
+        /// it trained on
+        #[arg(long)]
+        far_salads: bool,
     },
     /// Measure a trained model again on its held-out test clips (made again
     /// from its context and seed), e.g. to compare two models clip by clip
@@ -573,6 +579,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             tune_front,
             front_epochs,
             false_accepts,
+            far_salads,
         } => {
             check_false_accepts(false_accepts)?;
             if utterances == 0 || epochs == 0 || channels == 0 {
@@ -597,6 +604,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 tune_front,
                 front_epochs,
                 false_accepts: false_accepts / 100.0,
+                far_salads,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {

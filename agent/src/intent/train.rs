@@ -86,6 +86,9 @@ pub struct TrainOptions {
     pub front_epochs: Option<usize>,
     /// The share of out-of-grammar audio the thresholds may accept.
     pub false_accepts: f32,
+    /// Shuffled-grammar-word negatives only where no sentence of the
+    /// grammar is one word away ([`far_salad`]).
+    pub far_salads: bool,
 }
 
 impl Default for TrainOptions {
@@ -106,6 +109,7 @@ impl Default for TrainOptions {
             tune_front: None,
             front_epochs: None,
             false_accepts: FALSE_ACCEPT_BUDGET,
+            far_salads: false,
         }
     }
 }
@@ -381,6 +385,10 @@ pub struct Report {
     /// were set to let in at most.
     #[serde(default = "default_budget")]
     pub false_accept_budget: f32,
+    /// Whether the shuffled-grammar-word negatives were kept two words or
+    /// more from every sentence (`--far-salads`; absent: they were not).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub far_salads: bool,
     /// What the exported model answered on the test.
     #[serde(flatten)]
     pub measured: Measured,
@@ -514,6 +522,55 @@ fn word_salad(grammar: &Grammar, rng: &mut Rng, sampler_texts: &[String]) -> Opt
         }
     }
     None
+}
+
+/// A [`word_salad`] no sentence of `grammar` is one word away from (one
+/// word of `vocab` left out, put in or changed). Salads that near a
+/// sentence teach the network that whatever it has not heard word for word
+/// is not a command, and a held-out sentence is one such word away from the
+/// ones training spoke ("forget order" from "forget my order").
+fn far_salad(
+    grammar: &Grammar,
+    rng: &mut Rng,
+    sampler_texts: &[String],
+    vocab: &[String],
+) -> Option<String> {
+    (0..50)
+        .filter_map(|_| word_salad(grammar, rng, sampler_texts))
+        .find(|t| !one_word_from_grammar(grammar, t, vocab))
+}
+
+/// Whether a sentence of `grammar` is one word (of `vocab`) left out, put in
+/// or changed away from `text`.
+fn one_word_from_grammar(grammar: &Grammar, text: &str, vocab: &[String]) -> bool {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let accepts = |w: &[&str]| !w.is_empty() && grammar.parse_text(&w.join(" ")).is_some();
+    for i in 0..words.len() {
+        let mut w = words.clone();
+        w.remove(i);
+        if accepts(&w) {
+            return true;
+        }
+    }
+    for v in vocab {
+        for i in 0..=words.len() {
+            let mut w = words.clone();
+            w.insert(i, v);
+            if accepts(&w) {
+                return true;
+            }
+        }
+        for i in 0..words.len() {
+            if words[i] != v {
+                let mut w = words.clone();
+                w[i] = v;
+                if accepts(&w) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
 }
 
 /// `phrase` after the first 1–5 words of a random everyday sentence and,
@@ -1129,10 +1186,30 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
     // shuffled grammar words, a sixth noise alone (babble when the recipe
     // drew no noise).
     let negatives = opts.utterances * 3 / 10;
+    // With `far_salads`, a salad one word from a sentence is drawn again
+    // from a stream of its own, so every other clip stays the one it was.
+    let mut salad_rng = Rng::new(opts.seed ^ 0x7361_6c61_6466_6172);
+    let mut vocab: Vec<&str> = said.iter().flat_map(|t| t.split_whitespace()).collect();
+    vocab.sort_unstable();
+    vocab.dedup();
+    let vocab: Vec<String> = vocab.into_iter().map(str::to_string).collect();
+    let (mut near, mut salads) = (0usize, 0usize);
     for k in 0..negatives {
         let (kind, text) = match k % 6 {
             0..=2 => (Kind::Everyday, pick(&oog_train, &mut rng).clone()),
             3 | 4 => match word_salad(grammar, &mut rng, &said) {
+                Some(text) if opts.far_salads => {
+                    salads += 1;
+                    if one_word_from_grammar(grammar, &text, &vocab) {
+                        near += 1;
+                        match far_salad(grammar, &mut salad_rng, &said, &vocab) {
+                            Some(text) => (Kind::Salad, text),
+                            None => (Kind::Noise, String::new()),
+                        }
+                    } else {
+                        (Kind::Salad, text)
+                    }
+                }
                 Some(text) => (Kind::Salad, text),
                 None => (Kind::Noise, String::new()),
             },
@@ -1147,6 +1224,11 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
         jobs.push(Job { kind, ..job });
     }
 
+    if opts.far_salads {
+        eprintln!(
+            "{near} of {salads} shuffled-grammar-word negatives were one word from a sentence of the grammar: drawn again"
+        );
+    }
     // Slot values in foreign carriers: a value phrase between words of
     // everyday sentences ("I'd like to visit nine my friends"), teaching
     // the slot heads to hear a value whatever comes before it. The
@@ -1482,6 +1564,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         test_babble_tracks: plan.test_bank.babble.len(),
         utterances: Some(opts.utterances),
         false_accept_budget: opts.false_accepts,
+        far_salads: opts.far_salads,
         measured,
     };
     std::fs::write(opts.out.join(TEST_CLIPS_FILE), &report.measured.clip_lines)
@@ -2084,8 +2167,13 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         ));
     }
 
+    let salads = if r.far_salads {
+        " two words or more from any sentence of the grammar (`--far-salads`)"
+    } else {
+        ""
+    };
     s.push_str(&format!(
-        "- Data: {} training clips ({} of them \"not understood\": everyday sentences, shuffled grammar words, noise), {} validation, {} calibration (everyday sentences never trained on), {} test\n",
+        "- Data: {} training clips ({} of them \"not understood\": everyday sentences, shuffled grammar words{salads}, noise), {} validation, {} calibration (everyday sentences never trained on), {} test\n",
         r.train_clips + r.validation_clips, r.negative_clips, r.validation_clips, r.calibration_clips, r.test_clips
     ));
     s.push_str(&format!(
@@ -2277,6 +2365,58 @@ mod tests {
             (lo - 81.63).abs() < 0.01 && (hi - 90.97).abs() < 0.01,
             "{lo} {hi}"
         );
+    }
+
+    #[test]
+    fn far_salads_are_two_words_or_more_from_every_sentence() {
+        let grammar = Grammar::parse(
+            "context:\n  expressions:\n    cancel:\n      - \"[cancel, forget] (my, the) order\"\n    order:\n      - \"(a) $drink:drink (please)\"\n  slots:\n    drink: [\"latte\", \"green tea\"]\n",
+        )
+        .expect("a good grammar");
+        let said: Vec<String> = [
+            "forget my order",
+            "cancel the order",
+            "a latte please",
+            "green tea",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut vocab: Vec<String> = said
+            .iter()
+            .flat_map(|t| t.split_whitespace().map(str::to_string))
+            .collect();
+        vocab.sort_unstable();
+        vocab.dedup();
+        // One word left out, put in or changed makes a sentence.
+        for near in [
+            "forget my my order",
+            "order",
+            "cancel order please",
+            "a latte cancel",
+            "tea please",
+        ] {
+            assert!(one_word_from_grammar(&grammar, near, &vocab), "{near}");
+        }
+        // Two changes away: a word put in is only one word of a phrase.
+        for far in [
+            "order forget",
+            "my the cancel",
+            "please please order",
+            "order green",
+            "tea latte a a",
+        ] {
+            assert!(!one_word_from_grammar(&grammar, far, &vocab), "{far}");
+        }
+        let mut rng = Rng::new(3);
+        let mut drawn = HashSet::new();
+        for _ in 0..100 {
+            let text = far_salad(&grammar, &mut rng, &said, &vocab).expect("far salads exist");
+            assert!(grammar.parse_text(&text).is_none(), "{text}");
+            assert!(!one_word_from_grammar(&grammar, &text, &vocab), "{text}");
+            drawn.insert(text);
+        }
+        assert!(drawn.len() > 50, "{} different salads", drawn.len());
     }
 
     #[test]

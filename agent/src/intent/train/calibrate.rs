@@ -126,6 +126,7 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         utterances,
         test_utterances: report.test_utterances,
         seed: report.seed,
+        far_salads: report.far_salads,
         ..TrainOptions::default()
     };
     let labels = model.labels().clone();
