@@ -130,6 +130,14 @@ fn small_model() -> &'static Path {
     })
 }
 
+/// Asserts that `o` failed saying `says`, before any clip was made.
+fn refused_before_any_clip(o: &std::process::Output, says: &str) {
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains(says), "{err}");
+    assert!(!err.contains("synthesizing"), "{err}");
+}
+
 fn metrics(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).expect("metrics.json"))
         .expect("metrics json")
@@ -1025,33 +1033,18 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
         "--seed",
         "7",
     ]);
-    let err = text(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        err.contains("figures of the model's own test only"),
-        "{err}"
-    );
-    assert!(!err.contains("synthesizing"), "{err}");
+    refused_before_any_clip(&o, "figures of the model's own test only");
     // A metrics.json cut short is not read as "no record" (which would
     // measure another test): refused by name, before any clip is made.
     let whole = std::fs::read_to_string(copy.join("metrics.json")).expect("metrics");
     std::fs::write(copy.join("metrics.json"), &whole[..whole.len() / 2]).expect("write");
     let o = kith(&["intent", "eval", "--model", p(&copy)]);
-    let err = text(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        err.contains("metrics.json is not a kith model's metrics"),
-        "{err}"
-    );
-    assert!(!err.contains("synthesizing"), "{err}");
+    refused_before_any_clip(&o, "metrics.json is not a kith model's metrics");
     // Without a training run's metrics there is nothing to update: said
     // before any clip is made.
     std::fs::remove_file(copy.join("metrics.json")).expect("rm");
     let o = kith(&["intent", "eval", "--model", p(&copy), "--update"]);
-    let err = text(&o.stderr);
-    assert!(!o.status.success());
-    assert!(err.contains("needs its training run's"), "{err}");
-    assert!(!err.contains("synthesizing"), "{err}");
+    refused_before_any_clip(&o, "needs its training run's");
 
     // A context that is not the model's own is refused: its test would be
     // another test.
@@ -1157,10 +1150,7 @@ fn calibrate_sets_the_thresholds_again_without_training_the_model_again() {
         .map(|f| std::fs::read(copy.join(f)).expect("read"))
         .collect();
     let o = calibrate(&copy, &["--negatives", p(&recordings)]);
-    let err = text(&o.stderr);
-    assert!(!o.status.success());
-    assert!(err.contains("cut.wav"), "{err}");
-    assert!(!err.contains("synthesizing"), "{err}");
+    refused_before_any_clip(&o, "cut.wav");
     for (f, b) in files.iter().zip(&before) {
         assert_eq!(
             &std::fs::read(copy.join(f)).expect("read"),
@@ -1242,10 +1232,7 @@ fn calibrate_sets_the_thresholds_again_without_training_the_model_again() {
         ],
     ] {
         let o = kith(&args);
-        let err = text(&o.stderr);
-        assert!(!o.status.success());
-        assert!(err.contains("--false-accepts is a percentage"), "{err}");
-        assert!(!err.contains("synthesizing"), "{err}");
+        refused_before_any_clip(&o, "--false-accepts is a percentage");
     }
     assert!(!never.exists());
 }
