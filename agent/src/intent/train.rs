@@ -540,6 +540,14 @@ fn far_salad(
         .find(|t| !one_word_from_grammar(grammar, t, vocab))
 }
 
+/// The distinct words of `texts`, sorted.
+fn vocabulary(texts: &[String]) -> Vec<String> {
+    let mut words: Vec<&str> = texts.iter().flat_map(|t| t.split_whitespace()).collect();
+    words.sort_unstable();
+    words.dedup();
+    words.into_iter().map(str::to_string).collect()
+}
+
 /// Whether a sentence of `grammar` is one word (of `vocab`) left out, put in
 /// or changed away from `text`.
 fn one_word_from_grammar(grammar: &Grammar, text: &str, vocab: &[String]) -> bool {
@@ -1189,10 +1197,11 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
     // With `far_salads`, a salad one word from a sentence is drawn again
     // from a stream of its own, so every other clip stays the one it was.
     let mut salad_rng = Rng::new(opts.seed ^ 0x7361_6c61_6466_6172);
-    let mut vocab: Vec<&str> = said.iter().flat_map(|t| t.split_whitespace()).collect();
-    vocab.sort_unstable();
-    vocab.dedup();
-    let vocab: Vec<String> = vocab.into_iter().map(str::to_string).collect();
+    let vocab = if opts.far_salads {
+        vocabulary(&said)
+    } else {
+        Vec::new()
+    };
     let (mut near, mut salads) = (0usize, 0usize);
     for k in 0..negatives {
         let (kind, text) = match k % 6 {
@@ -2382,12 +2391,7 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let mut vocab: Vec<String> = said
-            .iter()
-            .flat_map(|t| t.split_whitespace().map(str::to_string))
-            .collect();
-        vocab.sort_unstable();
-        vocab.dedup();
+        let vocab = vocabulary(&said);
         // One word left out, put in or changed makes a sentence.
         for near in [
             "forget my my order",
