@@ -2211,7 +2211,7 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         String::new()
     } else {
         format!(
-            " That {budget} is spent where it buys most: each intent has a threshold of its own (`intent_thresholds` in `labels.json`), lowered in hundredths, never under {:.2}, while it gains the validation's commands more right answers than wrong ones per negative let in: {}. Where one threshold for all would refuse commands that no negative comes near, these accept them.",
+            " That {budget} is spent where it buys most: each intent has a threshold of its own (`intent_thresholds` in `labels.json`), lowered in hundredths, never under {:.2}, while it gains the validation's commands more right answers than wrong ones per negative let in, and then, where it stopped over the threshold for all, as far down to it as the budget has left: {}. Where one threshold for all would refuse commands that no negative comes near, these accept them; and the validation's commands, sentences training spoke, never hold an intent's over it on their own.",
             INTENT_THRESHOLD_FLOOR as f32 / 100.0,
             r.intent_thresholds
                 .iter()
