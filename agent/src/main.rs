@@ -121,6 +121,11 @@ enum IntentCommand {
         /// it trained on
         #[arg(long)]
         far_salads: bool,
+        /// Keep up to N sentences per intent out of training beside the
+        /// test's, heard only to set each intent's threshold: commands no
+        /// network trained on show where new sentences score
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        calibration_sentences: usize,
     },
     /// Measure a trained model again on its held-out test clips (made again
     /// from its context and seed), e.g. to compare two models clip by clip
@@ -580,6 +585,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             front_epochs,
             false_accepts,
             far_salads,
+            calibration_sentences,
         } => {
             check_false_accepts(false_accepts)?;
             if utterances == 0 || epochs == 0 || channels == 0 {
@@ -605,6 +611,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 front_epochs,
                 false_accepts: false_accepts / 100.0,
                 far_salads,
+                calibration_sentences,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {

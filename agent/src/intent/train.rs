@@ -47,6 +47,12 @@ const OUT_OF_GRAMMAR: &str = include_str!("out_of_grammar.txt");
 /// Clips of each calibration sentence, each by another training voice in
 /// another training recipe.
 const CALIBRATION_CLIPS_PER_SENTENCE: usize = 3;
+/// Commands training never spoke, per intent, that the thresholds are set
+/// on beside the validation's (see [`calibration_commands`])...
+const CALIBRATION_COMMANDS_PER_INTENT: usize = 20;
+/// ...each heard this many times, by another training voice in another
+/// training recipe.
+const CLIPS_PER_CALIBRATION_COMMAND: usize = 2;
 /// The test's SNRs (dB), after the clean condition.
 pub const TEST_SNRS: [f32; 4] = [24.0, 18.0, 12.0, 6.0];
 /// Clips of a slot value in a foreign carrier, per 100 training sentences.
@@ -89,6 +95,9 @@ pub struct TrainOptions {
     /// Shuffled-grammar-word negatives only where no sentence of the
     /// grammar is one word away ([`far_salad`]).
     pub far_salads: bool,
+    /// Sentences per intent kept out of training beside the test's, for
+    /// setting each intent's threshold ([`calibration_commands`]).
+    pub calibration_sentences: usize,
 }
 
 impl Default for TrainOptions {
@@ -110,6 +119,7 @@ impl Default for TrainOptions {
             front_epochs: None,
             false_accepts: FALSE_ACCEPT_BUDGET,
             far_salads: false,
+            calibration_sentences: 0,
         }
     }
 }
@@ -317,6 +327,10 @@ pub struct Report {
     pub validation_clips: usize,
     /// Clips of everyday sentences heard only to set the threshold.
     pub calibration_clips: usize,
+    /// Clips of commands no network trained on, heard only to set each
+    /// intent's threshold (absent: none, as in models older than them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub calibration_commands: usize,
     /// Per kind of negative (calibration clips and the validation's
     /// negatives): how many the threshold accepts.
     pub calibration: Vec<KindShare>,
@@ -389,6 +403,10 @@ pub struct Report {
     /// more from every sentence (`--far-salads`; absent: they were not).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub far_salads: bool,
+    /// Sentences per intent the run kept out of training for setting the
+    /// thresholds (`--calibration-sentences`; absent: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub calibration_sentences: usize,
     /// What the exported model answered on the test.
     #[serde(flatten)]
     pub measured: Measured,
@@ -1139,6 +1157,9 @@ struct Plan {
     negatives: usize,
     /// Everyday sentences no network trains on, heard to set the thresholds.
     calibration_jobs: Vec<Job>,
+    /// Commands of the grammar no network trains on (nor the test holds),
+    /// heard to set each intent's threshold beside the validation's.
+    calibration_commands: Vec<Job>,
     test: TestSet,
     /// Indices into `jobs` in the order training takes them; the last
     /// tenth is `validation`, held back to choose the epoch and the
@@ -1166,7 +1187,33 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
     let train_bank = training_noise(&oog_train, &train_voices, &opts.noise_dirs, &mut rng)?;
     let test_bank = test_noise(&oog_test, &test_voices, opts.seed)?;
     let held_out = HeldOut::of(grammar, opts.seed, opts.test_utterances);
+    // Sentences kept out for the thresholds alone, beside the test's.
+    let reserved: Vec<Utterance> = if opts.calibration_sentences > 0 {
+        grammar
+            .hold_out_beside(
+                opts.seed ^ 0x6361_6c5f_686f_6c64,
+                opts.calibration_sentences,
+                &held_out.sentences,
+            )
+            .into_iter()
+            .flatten()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if opts.calibration_sentences > 0 {
+        eprintln!(
+            "{} sentences kept out of training for the thresholds ({} asked per intent; an intent gives at most a fifth of its sentences, with the test's)",
+            reserved.len(),
+            opts.calibration_sentences
+        );
+    }
     let held_texts: HashSet<String> = held_out.texts();
+    let not_trained: HashSet<String> = held_texts
+        .iter()
+        .cloned()
+        .chain(reserved.iter().map(|u| u.text.clone()))
+        .collect();
 
     // Training jobs.
     let mut sampler = grammar.sampler(opts.seed);
@@ -1182,7 +1229,7 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
     for _ in 0..opts.utterances {
         let Some(u) = (0..100)
             .map(|_| sampler.next_utterance())
-            .find(|u| !held_texts.contains(&u.text))
+            .find(|u| !not_trained.contains(&u.text))
         else {
             continue;
         };
@@ -1307,10 +1354,21 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
         }
     }
 
+    let mut calibration_commands = calibration_commands(
+        grammar,
+        &reserved,
+        &said,
+        &held_texts,
+        &train_voices,
+        &train_bank,
+        opts.seed,
+    );
+
     // A clip whose MBROLA voice cannot say its sentence is given one of
     // espeak-ng's own voices of the same split instead.
     let respoken = give_unsayable_another_voice(&mut jobs, &train_voices, voices::can_say)?
         + give_unsayable_another_voice(&mut calibration_jobs, &train_voices, voices::can_say)?
+        + give_unsayable_another_voice(&mut calibration_commands, &train_voices, voices::can_say)?
         + give_unsayable_another_voice(&mut test.jobs, &test_voices, voices::can_say)?;
     if respoken > 0 {
         eprintln!(
@@ -1333,10 +1391,86 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
         jobs,
         negatives,
         calibration_jobs,
+        calibration_commands,
         test,
         training,
         validation,
     })
+}
+
+/// Commands for setting each intent's threshold that no network trains
+/// on: the sentences training kept out for them (`reserved`:
+/// `--calibration-sentences`), then, up to
+/// [`CALIBRATION_COMMANDS_PER_INTENT`] per intent, sentences that are
+/// neither among the training sentences (`said`) nor held out for the
+/// test (`held`); each heard [`CLIPS_PER_CALIBRATION_COMMAND`]
+/// times by training voices in training recipes (the test's voices stay
+/// unheard), from a stream of their own.
+///
+/// The validation's commands are sentences training spoke, which score
+/// near 1 whoever says them; a user says sentences training never spoke
+/// as well, and these show where such sentences score. They are drawn
+/// after training's sentences, never instead of them: an intent whose
+/// every sentence training spoke has none (and needs none: every command
+/// of it was heard in training).
+fn calibration_commands(
+    grammar: &Grammar,
+    reserved: &[Utterance],
+    said: &[String],
+    held: &HashSet<String>,
+    voices: &VoiceSet,
+    bank: &NoiseBank,
+    seed: u64,
+) -> Vec<Job> {
+    let said: HashSet<&str> = said.iter().map(String::as_str).collect();
+    let n = grammar.intents.len();
+    let mut sampler = grammar.sampler(seed ^ 0x6e65_775f_636d_6473);
+    let mut rng = Rng::new(seed ^ 0x6361_6c5f_636d_6473);
+    let mut chosen: Vec<HashSet<String>> = vec![HashSet::new(); n];
+    let mut jobs = Vec::new();
+    let mut hear = |u: &Utterance, jobs: &mut Vec<Job>| {
+        let targets = targets_of(grammar, u);
+        for _ in 0..CLIPS_PER_CALIBRATION_COMMAND {
+            let speaker = voice_of(&mut rng, voices);
+            let recipe = augment::training_recipe(&mut rng, bank);
+            jobs.push(Job::new(
+                u.text.clone(),
+                speaker,
+                recipe,
+                targets.clone(),
+                &mut rng,
+            ));
+        }
+    };
+    for u in reserved {
+        if let Some(mine) = chosen.get_mut(u.intent)
+            && mine.insert(u.text.clone())
+        {
+            hear(u, &mut jobs);
+        }
+    }
+    // Bounded: the sampler takes intents in turn, so each gets this many tries.
+    for _ in 0..n * CALIBRATION_COMMANDS_PER_INTENT * 20 {
+        if chosen
+            .iter()
+            .all(|c| c.len() >= CALIBRATION_COMMANDS_PER_INTENT)
+        {
+            break;
+        }
+        let u = sampler.next_utterance();
+        let Some(mine) = chosen.get_mut(u.intent) else {
+            continue;
+        };
+        if mine.len() >= CALIBRATION_COMMANDS_PER_INTENT
+            || said.contains(u.text.as_str())
+            || held.contains(&u.text)
+            || !mine.insert(u.text.clone())
+        {
+            continue;
+        }
+        hear(&u, &mut jobs);
+    }
+    jobs
 }
 
 /// Trains a model for `opts.context` into `opts.out`.
@@ -1388,6 +1522,13 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         &plan.train_bank,
         &how,
         "synthesizing calibration clips",
+    )?;
+    let command_features = render_cached(
+        &plan.calibration_commands,
+        front,
+        &plan.train_bank,
+        &how,
+        "synthesizing calibration commands",
     )?;
     let test_features = render_cached(
         &test.jobs,
@@ -1477,6 +1618,9 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         calibration_jobs
             .iter()
             .zip(calibration_features.iter().map(Vec::as_slice)),
+        plan.calibration_commands
+            .iter()
+            .zip(command_features.iter().map(Vec::as_slice)),
         n_intents,
     );
     let answers = clips.answered(|f| Ok(Net::predict_mean(&nets, f)))?;
@@ -1536,6 +1680,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         negative_clips: plan.negatives,
         validation_clips: validation.len(),
         calibration_clips: calibration_jobs.len(),
+        calibration_commands: plan.calibration_commands.len(),
         calibration,
         test_clips: test.jobs.len(),
         test_sentences: held_texts.len(),
@@ -1574,6 +1719,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         utterances: Some(opts.utterances),
         false_accept_budget: opts.false_accepts,
         far_salads: opts.far_salads,
+        calibration_sentences: opts.calibration_sentences,
         measured,
     };
     std::fs::write(opts.out.join(TEST_CLIPS_FILE), &report.measured.clip_lines)
@@ -2211,8 +2357,16 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
         String::new()
     } else {
         format!(
-            " That {budget} is spent where it buys most: each intent has a threshold of its own (`intent_thresholds` in `labels.json`), lowered in hundredths, never under {:.2}, while it gains the validation's commands more right answers than wrong ones per negative let in, and then, where it stopped over the threshold for all, as far down to it as the budget has left: {}. Where one threshold for all would refuse commands that no negative comes near, these accept them; and the validation's commands, sentences training spoke, never hold an intent's over it on their own.",
+            " That {budget} is spent where it buys most: each intent has a threshold of its own (`intent_thresholds` in `labels.json`), lowered in hundredths, never under {:.2}, while it gains {} more right answers than wrong ones per negative let in, and then, where it stopped over the threshold for all, as far down to it as the budget has left: {}. Where one threshold for all would refuse commands that no negative comes near, these accept them; and the validation's commands, sentences training spoke, never hold an intent's over it on their own.",
             INTENT_THRESHOLD_FLOOR as f32 / 100.0,
+            if r.calibration_commands > 0 {
+                format!(
+                    "the validation's commands and {} clips of commands training never spoke",
+                    r.calibration_commands
+                )
+            } else {
+                "the validation's commands".to_string()
+            },
             r.intent_thresholds
                 .iter()
                 .map(|(n, t)| format!("{n} {t:.2}"))
@@ -2421,6 +2575,63 @@ mod tests {
             drawn.insert(text);
         }
         assert!(drawn.len() > 50, "{} different salads", drawn.len());
+    }
+
+    #[test]
+    fn calibration_commands_are_sentences_neither_trained_on_nor_tested() {
+        // cancel has 4 sentences, all trained on; order has 3 x 30.
+        let values: Vec<String> = (0..30).map(|k| format!("\"drink {k}\"")).collect();
+        let grammar = Grammar::parse(&format!(
+            "context:\n  expressions:\n    cancel:\n      - \"[cancel, forget] (the) order\"\n    order:\n      - \"[a, one, my] $drink:drink\"\n  slots:\n    drink: [{}]\n",
+            values.join(", ")
+        ))
+        .expect("a good grammar");
+        let mut said: Vec<String> = ["cancel order", "forget order", "cancel the order"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        said.push("forget the order".into());
+        said.extend((0..30).map(|k| format!("a drink {k}")));
+        let held: HashSet<String> = (0..10).map(|k| format!("one drink {k}")).collect();
+        let voices = VoiceSet {
+            split: Split::Train,
+            voices: vec![Voice {
+                espeak: "en-us".into(),
+            }],
+            rates: vec![160],
+            mbrola: 0,
+        };
+        let bank = NoiseBank {
+            babble: vec![vec![0; 32_000]],
+            recorded: Vec::new(),
+        };
+        let jobs = calibration_commands(&grammar, &[], &said, &held, &voices, &bank, 7);
+        let texts: HashSet<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
+        assert_eq!(jobs.len(), texts.len() * CLIPS_PER_CALIBRATION_COMMAND);
+        assert_eq!(texts.len(), CALIBRATION_COMMANDS_PER_INTENT, "{texts:?}");
+        for job in &jobs {
+            assert!(
+                !said.contains(&job.text) && !held.contains(&job.text),
+                "{}",
+                job.text
+            );
+            let (intent, slots) = grammar
+                .parse_text(&job.text)
+                .expect("a sentence of the grammar");
+            assert_eq!(intent, 1, "{}", job.text);
+            let u = Utterance {
+                text: job.text.clone(),
+                intent,
+                slots,
+            };
+            assert_eq!(job.targets, targets_of(&grammar, &u));
+            assert_eq!(job.kind, Kind::Command);
+        }
+        // The same seed draws the same clips; another, others.
+        let again = calibration_commands(&grammar, &[], &said, &held, &voices, &bank, 7);
+        assert_eq!(format!("{again:?}"), format!("{jobs:?}"));
+        let other = calibration_commands(&grammar, &[], &said, &held, &voices, &bank, 8);
+        assert_ne!(format!("{other:?}"), format!("{jobs:?}"));
     }
 
     #[test]

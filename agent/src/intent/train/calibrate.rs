@@ -127,6 +127,7 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         test_utterances: report.test_utterances,
         seed: report.seed,
         far_salads: report.far_salads,
+        calibration_sentences: report.calibration_sentences,
         ..TrainOptions::default()
     };
     let labels = model.labels().clone();
@@ -169,6 +170,13 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         &how,
         "synthesizing calibration clips",
     )?;
+    let command_features = render_cached(
+        &plan.calibration_commands,
+        front,
+        &plan.train_bank,
+        &how,
+        "synthesizing calibration commands",
+    )?;
     let clips = ThresholdClips::of(
         plan.validation
             .iter()
@@ -177,6 +185,9 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         plan.calibration_jobs
             .iter()
             .zip(calibration_features.iter().map(Vec::as_slice)),
+        plan.calibration_commands
+            .iter()
+            .zip(command_features.iter().map(Vec::as_slice)),
         labels.intents.len(),
     );
     let mut answers = clips.answered(|f| Ok(model.probabilities(f)?))?;
@@ -207,6 +218,7 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
     report.threshold = calibrated.threshold;
     report.intent_thresholds = Thresholds::of(&calibrated).own;
     report.calibration = accepted_after.clone();
+    report.calibration_commands = plan.calibration_commands.len();
     report.loudest_negatives = loudest;
     report.false_accept_budget = opts.budget;
     report.utterances = Some(utterances);

@@ -50,8 +50,9 @@ impl NegativeClip {
 
 /// The clips thresholds are set on, with their features: every clip that
 /// must not be understood (the validation's negatives, the calibration
-/// clips and, when recalibrating, the user's recordings) and the
-/// validation's commands.
+/// clips and, when recalibrating, the user's recordings), the
+/// validation's commands and the commands no network trained on
+/// (`calibration_commands`).
 pub(super) struct ThresholdClips<'a> {
     negatives: Vec<(NegativeClip, &'a [f32])>,
     /// Each command's targets and features.
@@ -70,22 +71,31 @@ pub(super) struct Answers {
 
 impl<'a> ThresholdClips<'a> {
     /// The negatives and commands (of one of `intents`) of the
-    /// validation, then the calibration clips; each clip with its features.
+    /// validation, then the calibration clips, then the commands no
+    /// network trained on; each clip with its features.
     pub(super) fn of(
         validation: impl Iterator<Item = (&'a Job, &'a [f32])>,
         calibration: impl Iterator<Item = (&'a Job, &'a [f32])>,
+        new_commands: impl Iterator<Item = (&'a Job, &'a [f32])>,
         intents: usize,
     ) -> Self {
         let mut negatives = Vec::new();
         let mut commands = Vec::new();
+        let of_an_intent =
+            |job: &Job| matches!(job.targets.first(), Some(Some(t)) if usize::from(*t) < intents);
         for (job, f) in validation {
             if job.kind != Kind::Command {
                 negatives.push((NegativeClip::of(job), f));
-            } else if matches!(job.targets.first(), Some(Some(t)) if usize::from(*t) < intents) {
+            } else if of_an_intent(job) {
                 commands.push((job.targets.as_slice(), f));
             }
         }
         negatives.extend(calibration.map(|(job, f)| (NegativeClip::of(job), f)));
+        commands.extend(
+            new_commands
+                .filter(|(job, _)| of_an_intent(job))
+                .map(|(job, f)| (job.targets.as_slice(), f)),
+        );
         ThresholdClips {
             negatives,
             commands,
@@ -291,8 +301,8 @@ pub(super) const INTENT_THRESHOLD_FLOOR: usize = 50;
 /// audio as [`lowest_threshold`] allows in all, spent where it buys the
 /// most commands: `negatives` are each calibration negative's kind, the
 /// intent it was heard as and that answer's score; `commands` each
-/// validation command's heard intent, whether the answer was exactly
-/// right, and its score.
+/// command's (the validation's, and those no network trained on) heard
+/// intent, whether the answer was exactly right, and its score.
 ///
 /// One threshold for all is set by whichever intent the negatives come
 /// nearest ("why are all the lights on" for lights), and refuses the
