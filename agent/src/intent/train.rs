@@ -1168,6 +1168,35 @@ struct Plan {
     validation: Vec<usize>,
 }
 
+/// Each clip's features, in the clips' order.
+type Features = Vec<Vec<f32>>;
+
+impl Plan {
+    /// The features of the clips heard only to set the thresholds: the
+    /// calibration clips and the calibration commands.
+    fn threshold_features(
+        &self,
+        front: &FrontFiles,
+        how: &Rendering,
+    ) -> Result<(Features, Features)> {
+        let calibration = render_cached(
+            &self.calibration_jobs,
+            front,
+            &self.train_bank,
+            how,
+            "synthesizing calibration clips",
+        )?;
+        let commands = render_cached(
+            &self.calibration_commands,
+            front,
+            &self.train_bank,
+            how,
+            "synthesizing calibration commands",
+        )?;
+        Ok((calibration, commands))
+    }
+}
+
 /// Draws the [`Plan`] of a training run of `grammar` (whose slot phrases
 /// `labels` holds) with `opts`' data options.
 fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan> {
@@ -1516,20 +1545,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         &how,
         "synthesizing training clips",
     )?;
-    let calibration_features = render_cached(
-        calibration_jobs,
-        front,
-        &plan.train_bank,
-        &how,
-        "synthesizing calibration clips",
-    )?;
-    let command_features = render_cached(
-        &plan.calibration_commands,
-        front,
-        &plan.train_bank,
-        &how,
-        "synthesizing calibration commands",
-    )?;
+    let (calibration_features, command_features) = plan.threshold_features(front, &how)?;
     let test_features = render_cached(
         &test.jobs,
         front,

@@ -163,20 +163,7 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         &how,
         "synthesizing validation clips",
     )?;
-    let calibration_features = render_cached(
-        &plan.calibration_jobs,
-        front,
-        &plan.train_bank,
-        &how,
-        "synthesizing calibration clips",
-    )?;
-    let command_features = render_cached(
-        &plan.calibration_commands,
-        front,
-        &plan.train_bank,
-        &how,
-        "synthesizing calibration commands",
-    )?;
+    let (calibration_features, command_features) = plan.threshold_features(front, &how)?;
     let clips = ThresholdClips::of(
         plan.validation
             .iter()
