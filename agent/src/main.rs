@@ -13,6 +13,7 @@ use kith::store::{FetchOptions, ModelStore, Status, default_models_dir, human_by
 use kith_hal::{AudioSource, WavSource};
 use kith_models::EmbeddingMode;
 use kith_models::intent::embedding_top::Depth;
+use kith_models::intent::grammar::HoldOut;
 
 /// kith: a low-footprint AI agent for single-board computers.
 #[derive(Parser)]
@@ -126,6 +127,12 @@ enum IntentCommand {
         /// network trained on show where new sentences score
         #[arg(long, default_value_t = 0, value_name = "N")]
         calibration_sentences: usize,
+        /// What the test's held-out sentences leave training: half of the
+        /// sentences that say each word and slot value of them (`words`),
+        /// and also each pair of neighbouring words (`word-pairs`), so that
+        /// no phrasing is only in the test
+        #[arg(long, default_value = "word-pairs", value_name = "RULE", value_parser = parse_hold_out)]
+        test_hold_out: HoldOut,
     },
     /// Measure a trained model again on its held-out test clips (made again
     /// from its context and seed), e.g. to compare two models clip by clip
@@ -530,6 +537,15 @@ fn print_measured(m: &kith::intent::train::Measured) {
 }
 
 /// `--false-accepts` is a percentage: above 0, under 100.
+/// `--test-hold-out`'s values.
+fn parse_hold_out(s: &str) -> std::result::Result<HoldOut, String> {
+    match s {
+        "words" => Ok(HoldOut::Words),
+        "word-pairs" => Ok(HoldOut::WordPairs),
+        _ => Err(format!("{s:?} is not a hold-out rule: words or word-pairs")),
+    }
+}
+
 fn check_false_accepts(percent: f32) -> Result<()> {
     if !(percent > 0.0 && percent < 100.0) {
         bail!("--false-accepts is a percentage above 0 and under 100 (got {percent})");
@@ -586,6 +602,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
             false_accepts,
             far_salads,
             calibration_sentences,
+            test_hold_out,
         } => {
             check_false_accepts(false_accepts)?;
             if utterances == 0 || epochs == 0 || channels == 0 {
@@ -612,6 +629,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 false_accepts: false_accepts / 100.0,
                 far_salads,
                 calibration_sentences,
+                test_hold_out,
                 ..train::TrainOptions::default()
             };
             if let Some(t) = threads {
@@ -655,6 +673,7 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 model,
                 seed,
                 test_utterances,
+                test_hold_out: None,
                 threads: threads
                     .unwrap_or(train::TrainOptions::default().threads)
                     .max(1),

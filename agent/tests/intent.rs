@@ -959,6 +959,8 @@ fn eval_measures_a_model_again_on_the_very_test_clips_of_its_training_run() {
         );
     }
     let (m, e) = (metrics(model), metrics(&out));
+    // The test was held out by the word-pair rule, and eval read it so.
+    assert_eq!(m["test_hold_out"], "word-pairs");
     assert_eq!(m["conditions"], e["conditions"]);
     assert_eq!(m["voices"], e["voices"]);
     assert_eq!(m["false_accepts"], e["false_accepts"]);

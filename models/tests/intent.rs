@@ -7,7 +7,7 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use kith_models::intent::grammar::{Grammar, Rng, normalize};
+use kith_models::intent::grammar::{Grammar, HoldOut, Rng, Utterance, normalize};
 use kith_models::intent::net::{DILATIONS, Example, Net, Shape, TrainOptions};
 use kith_models::intent::{
     CommandFront, FEATURES, FRAMES, IntentModel, LABELS_FORMAT, Labels, SlotLabels, onnx,
@@ -184,11 +184,16 @@ fn holding_out_test_sentences_leaves_training_every_intent_and_every_slot_value(
     ];
     for path in contexts {
         let g = Grammar::parse(&std::fs::read_to_string(&path).expect("context")).expect("parses");
-        for seed in [1u64, 2] {
+        for (seed, rule) in [
+            (1u64, HoldOut::Words),
+            (2, HoldOut::Words),
+            (1, HoldOut::WordPairs),
+            (2, HoldOut::WordPairs),
+        ] {
             // The test's sentences, then more beside them (for setting
             // thresholds): the rules hold for both together.
-            let test = g.hold_out(seed, 20);
-            let more = g.hold_out_beside(seed ^ 9, 20, &test);
+            let test = g.hold_out(seed, 20, rule);
+            let more = g.hold_out_beside(seed ^ 9, 20, &test, rule);
             let test_texts: HashSet<&str> =
                 test.iter().flatten().map(|u| u.text.as_str()).collect();
             for u in more.iter().flatten() {
@@ -223,12 +228,16 @@ fn holding_out_test_sentences_leaves_training_every_intent_and_every_slot_value(
             let mut trained_intents: HashSet<usize> = HashSet::new();
             let mut trained_words: HashSet<String> = HashSet::new();
             let mut words: HashSet<String> = HashSet::new();
+            let mut trained_pairs: HashSet<(String, String)> = HashSet::new();
+            let mut pairs: HashSet<(String, String)> = HashSet::new();
             for _ in 0..20_000 {
                 let u = sampler.next_utterance();
                 distinct[u.intent].insert(u.text.clone());
                 words.extend(normalize(&u.text));
+                pairs.extend(g.word_pairs(&u));
                 if !held_texts.contains(u.text.as_str()) {
                     trained_words.extend(normalize(&u.text));
+                    trained_pairs.extend(g.word_pairs(&u));
                     trained_intents.insert(u.intent);
                     trainable.extend(u.slots.iter().copied());
                 }
@@ -262,6 +271,13 @@ fn holding_out_test_sentences_leaves_training_every_intent_and_every_slot_value(
                 unheard.is_empty(),
                 "{path:?}: words only in held-out sentences: {unheard:?}"
             );
+            if rule == HoldOut::WordPairs {
+                let unheard: Vec<_> = pairs.difference(&trained_pairs).collect();
+                assert!(
+                    unheard.is_empty(),
+                    "{path:?}: word pairs only in held-out sentences: {unheard:?}"
+                );
+            }
             for (si, slot) in g.slots.iter().enumerate() {
                 for (vi, value) in slot.values.iter().enumerate() {
                     assert!(
@@ -272,6 +288,90 @@ fn holding_out_test_sentences_leaves_training_every_intent_and_every_slot_value(
                 }
             }
         }
+    }
+}
+
+#[test]
+fn word_pairs_mark_slots_and_the_ends_of_the_sentence() {
+    let path = grammar_dir("good").join("phrasings.yaml");
+    let g = Grammar::parse(&std::fs::read_to_string(path).expect("fixture")).expect("parses");
+    let (intent, slots) = g.parse_text("turn it up").expect("in the grammar");
+    let u = Utterance {
+        text: "turn it up".into(),
+        intent,
+        slots,
+    };
+    let pairs = g.word_pairs(&u);
+    let pairs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("<s>", "turn"),
+            ("turn", "it"),
+            ("it", "$direction"),
+            ("$direction", "</s>")
+        ]
+    );
+    // A value of two words is one mark; the words around it stay.
+    let (intent, slots) = g
+        .parse_text("make the living room warmer")
+        .expect("in the grammar");
+    let u = Utterance {
+        text: "make the living room warmer".into(),
+        intent,
+        slots,
+    };
+    let pairs = g.word_pairs(&u);
+    assert!(
+        pairs.contains(&("the".into(), "$location".into())),
+        "{pairs:?}"
+    );
+    assert!(
+        pairs.contains(&("$location".into(), "warmer".into())),
+        "{pairs:?}"
+    );
+    assert_eq!(pairs.len(), 5, "{pairs:?}");
+}
+
+#[test]
+fn the_word_pair_rule_never_holds_a_phrasing_out_whole() {
+    // Short phrasings of two sentences ("turn it up", "turn it down") say
+    // only words longer ones say too: the word rule may test both and
+    // train neither; the word-pair rule keeps one of them in training.
+    let path = grammar_dir("good").join("phrasings.yaml");
+    let g = Grammar::parse(&std::fs::read_to_string(path).expect("fixture")).expect("parses");
+    let untrained_pairs = |rule: HoldOut, seed: u64| -> usize {
+        let held: HashSet<String> = g
+            .hold_out(seed, 20, rule)
+            .into_iter()
+            .flatten()
+            .map(|u| u.text)
+            .collect();
+        let mut sampler = g.sampler(seed ^ 0xABC);
+        let (mut all, mut trained) = (HashSet::new(), HashSet::new());
+        for _ in 0..5_000 {
+            let u = sampler.next_utterance();
+            all.extend(g.word_pairs(&u));
+            if !held.contains(&u.text) {
+                trained.extend(g.word_pairs(&u));
+            }
+        }
+        all.difference(&trained).count()
+    };
+    let seeds = 1..=20u64;
+    let by_words: usize = seeds
+        .clone()
+        .map(|s| untrained_pairs(HoldOut::Words, s))
+        .sum();
+    assert!(
+        by_words > 0,
+        "the word rule never held a phrasing out whole in 20 seeds: this grammar no longer shows the difference"
+    );
+    for seed in seeds {
+        assert_eq!(untrained_pairs(HoldOut::WordPairs, seed), 0, "seed {seed}");
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kith_models::intent::embedding_top::{Depth, EmbeddingTop};
-use kith_models::intent::grammar::{Grammar, Rng, Utterance};
+use kith_models::intent::grammar::{Grammar, HoldOut, Rng, Utterance};
 use kith_models::intent::net::{Example, Net, Shape, TrainOptions as NetOptions};
 use kith_models::intent::{
     CommandFront, FRAMES, Front, IntentModel, LABELS_FILE, LABELS_FORMAT, Labels, MODEL_FILE,
@@ -98,6 +98,8 @@ pub struct TrainOptions {
     /// Sentences per intent kept out of training beside the test's, for
     /// setting each intent's threshold ([`calibration_commands`]).
     pub calibration_sentences: usize,
+    /// What the test's hold-out keeps in training ([`HoldOut`]).
+    pub test_hold_out: HoldOut,
 }
 
 impl Default for TrainOptions {
@@ -120,6 +122,7 @@ impl Default for TrainOptions {
             false_accepts: FALSE_ACCEPT_BUDGET,
             far_salads: false,
             calibration_sentences: 0,
+            test_hold_out: HoldOut::default(),
         }
     }
 }
@@ -407,9 +410,18 @@ pub struct Report {
     /// thresholds (`--calibration-sentences`; absent: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub calibration_sentences: usize,
+    /// What the test's hold-out kept in training (absent: the word rule,
+    /// the only one before the word-pair rule).
+    #[serde(default = "words_rule")]
+    pub test_hold_out: HoldOut,
     /// What the exported model answered on the test.
     #[serde(flatten)]
     pub measured: Measured,
+}
+
+/// The hold-out rule of models whose metrics do not name one.
+fn words_rule() -> HoldOut {
+    HoldOut::Words
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -977,9 +989,13 @@ struct HeldOut {
 }
 
 impl HeldOut {
-    fn of(grammar: &Grammar, seed: u64, test_utterances: usize) -> HeldOut {
+    fn of(grammar: &Grammar, seed: u64, test_utterances: usize, rule: HoldOut) -> HeldOut {
         let n_intents = grammar.intents.len();
-        let sentences = grammar.hold_out(seed, test_utterances.div_ceil(n_intents.max(1)).max(1));
+        let sentences = grammar.hold_out(
+            seed,
+            test_utterances.div_ceil(n_intents.max(1)).max(1),
+            rule,
+        );
         let tested = (0..n_intents)
             .filter(|&i| sentences.get(i).is_some_and(|s| !s.is_empty()))
             .collect();
@@ -1215,7 +1231,7 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
     }
     let train_bank = training_noise(&oog_train, &train_voices, &opts.noise_dirs, &mut rng)?;
     let test_bank = test_noise(&oog_test, &test_voices, opts.seed)?;
-    let held_out = HeldOut::of(grammar, opts.seed, opts.test_utterances);
+    let held_out = HeldOut::of(grammar, opts.seed, opts.test_utterances, opts.test_hold_out);
     // Sentences kept out for the thresholds alone, beside the test's.
     let reserved: Vec<Utterance> = if opts.calibration_sentences > 0 {
         grammar
@@ -1223,6 +1239,7 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
                 opts.seed ^ 0x6361_6c5f_686f_6c64,
                 opts.calibration_sentences,
                 &held_out.sentences,
+                opts.test_hold_out,
             )
             .into_iter()
             .flatten()
@@ -1736,6 +1753,7 @@ pub fn train(front: &FrontFiles, opts: &TrainOptions) -> Result<Report> {
         false_accept_budget: opts.false_accepts,
         far_salads: opts.far_salads,
         calibration_sentences: opts.calibration_sentences,
+        test_hold_out: opts.test_hold_out,
         measured,
     };
     std::fs::write(opts.out.join(TEST_CLIPS_FILE), &report.measured.clip_lines)
@@ -1760,6 +1778,9 @@ pub struct EvalOptions {
     /// model's `metrics.json` records, else the trainer's defaults).
     pub seed: Option<u64>,
     pub test_utterances: Option<usize>,
+    /// The test's hold-out rule (`None`: what the model's `metrics.json`
+    /// records, else the trainer's default).
+    pub test_hold_out: Option<HoldOut>,
     pub threads: usize,
     pub cache: Option<PathBuf>,
 }
@@ -1816,6 +1837,10 @@ fn model_grammar(dir: &Path, labels: &Labels) -> Result<(Grammar, String)> {
 struct TestRecord {
     seed: Option<u64>,
     test_utterances: Option<usize>,
+    /// Absent from a `metrics.json`: the word rule, the only one then;
+    /// without a `metrics.json`: the trainer's default.
+    #[serde(default = "words_rule")]
+    test_hold_out: HoldOut,
 }
 
 impl TestRecord {
@@ -1861,7 +1886,8 @@ fn evaluate_model(
     }
     let started = Instant::now();
     let test_bank = test_noise(&oog_test, &test_voices, seed)?;
-    let held_out = HeldOut::of(&grammar, seed, test_utterances);
+    let rule = opts.test_hold_out.unwrap_or(recorded.test_hold_out);
+    let held_out = HeldOut::of(&grammar, seed, test_utterances, rule);
     let mut test = TestSet::new(
         &grammar,
         &held_out,
@@ -2406,8 +2432,12 @@ pub fn card(context: &Path, labels: &Labels, r: &Report) -> String {
     ));
     s.push_str("## Held-out test: command acceptance (intent and every slot right)\n\n");
     s.push_str(&format!(
-        "{} sentences never trained on, spoken by voices and at rates never trained on; intents in turn.{}\n\n",
+        "{} sentences never trained on, spoken by voices and at rates never trained on; intents in turn. Holding them out left training at least half of the grammar's sentences that say each {} of them.{}\n\n",
         r.test_sentences,
+        match r.test_hold_out {
+            HoldOut::Words => "word and slot value",
+            HoldOut::WordPairs => "word, slot value and pair of neighbouring words",
+        },
         if r.untested_intents.is_empty() {
             String::new()
         } else {
@@ -2544,6 +2574,31 @@ mod tests {
             (lo - 81.63).abs() < 0.01 && (hi - 90.97).abs() < 0.01,
             "{lo} {hi}"
         );
+    }
+
+    #[test]
+    fn a_model_whose_metrics_name_no_hold_out_rule_is_measured_by_the_word_rule() {
+        // Models trained before the word-pair rule were tested on sentences
+        // the word rule held out, and their metrics do not name it.
+        let record: TestRecord =
+            serde_json::from_str(r#"{"seed": 3, "test_utterances": 50}"#).expect("json");
+        assert_eq!(record.test_hold_out, HoldOut::Words);
+        let record: TestRecord =
+            serde_json::from_str(r#"{"seed": 3, "test_hold_out": "word-pairs"}"#).expect("json");
+        assert_eq!(record.test_hold_out, HoldOut::WordPairs);
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/intents");
+        for name in ["smart-home", "coffee"] {
+            let record = TestRecord::of(&shipped.join(name)).expect("the shipped metrics");
+            assert_eq!(record.test_hold_out, HoldOut::Words, "{name}");
+        }
+        // Without a metrics.json: what the trainer does now.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = TestRecord::of(dir.path()).expect("no record");
+        assert_eq!(record.test_hold_out, TrainOptions::default().test_hold_out);
+        assert_eq!(record.test_hold_out, HoldOut::WordPairs);
+        // What a training run writes names its rule.
+        let json = serde_json::to_value(HoldOut::WordPairs).expect("json");
+        assert_eq!(json, serde_json::json!("word-pairs"));
     }
 
     #[test]

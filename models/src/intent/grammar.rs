@@ -122,6 +122,25 @@ pub struct Utterance {
     pub slots: Vec<(usize, usize)>,
 }
 
+/// What the test's hold-out ([`Grammar::hold_out`]) keeps in training:
+/// every part of a held-out sentence must keep at least half of the
+/// distinct sentences that say it. A model records the rule its test was
+/// held out by, so that it is measured again on the same sentences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HoldOut {
+    /// The parts are the words and the slot values (the rule of the
+    /// models trained before the word-pair rule). A phrasing of two
+    /// sentences, such as "turn it up" and "turn it down", can then be
+    /// held out whole: training hears every word of it, never the phrasing.
+    Words,
+    /// Words, slot values and pairs of neighbouring words
+    /// ([`Grammar::word_pairs`]): a test sentence is a new combination of
+    /// phrasings training spoke, as a user's new sentence is.
+    #[default]
+    WordPairs,
+}
+
 /// A YAML value with the position where it starts.
 #[derive(Debug)]
 enum Yaml {
@@ -696,6 +715,42 @@ impl Grammar {
         }
     }
 
+    /// The pairs of neighbouring words of a sentence of this grammar, each
+    /// slot's value standing as one word `$name` (its slot's name), with
+    /// the sentence's start `<s>` and end `</s>` as words: "turn it up"
+    /// with `up` a `direction` slot gives (`<s>`, turn), (turn, it),
+    /// (it, `$direction`), (`$direction`, `</s>`). These marks cannot be
+    /// words: [`normalize`] drops `$`, `<`, `>` and `/`.
+    pub fn word_pairs(&self, u: &Utterance) -> Vec<(String, String)> {
+        let words = normalize(&u.text);
+        let mut marked = vec!["<s>".to_string()];
+        let mut from = 0;
+        // Slots are listed in the order the sentence says them: each is
+        // looked for after the one before.
+        for &(s, v) in &u.slots {
+            let Some(slot) = self.slots.get(s) else {
+                continue;
+            };
+            let value = slot.values.get(v).map(|t| normalize(t)).unwrap_or_default();
+            if value.is_empty() || words.len() < value.len() {
+                continue;
+            }
+            let at = (from..=words.len() - value.len())
+                .find(|&j| words[j..j + value.len()] == value[..]);
+            if let Some(j) = at {
+                marked.extend(words[from..j].iter().cloned());
+                marked.push(format!("${}", slot.name));
+                from = j + value.len();
+            }
+        }
+        marked.extend(words[from..].iter().cloned());
+        marked.push("</s>".to_string());
+        marked
+            .windows(2)
+            .map(|w| (w[0].clone(), w[1].clone()))
+            .collect()
+    }
+
     /// A sampler of sentences, balanced over intents and slot values.
     pub fn sampler(&self, seed: u64) -> Sampler<'_> {
         Sampler {
@@ -711,41 +766,52 @@ impl Grammar {
     /// Holding out must not take from training what it needs to learn: an
     /// intent gives at most a fifth of its distinct sentences (one, if it
     /// has 3 to 9; none below that) and at most `per_intent`; and a
-    /// sentence is only taken while every word and every slot value it
-    /// says keeps at least half of the distinct sentences that say it (a
-    /// test sentence is a new combination of words training heard, never a
-    /// word it did not). Distinct sentences are counted on a sample of
-    /// `PROBE` per intent, so huge grammars are never enumerated.
-    pub fn hold_out(&self, seed: u64, per_intent: usize) -> Vec<Vec<Utterance>> {
-        self.hold_out_beside(seed, per_intent, &[])
+    /// sentence is only taken while every part it says (as `rule` counts
+    /// parts: see [`HoldOut`]) keeps at least half of the distinct
+    /// sentences that say it (a test sentence is a new combination of
+    /// parts training heard, never a part it did not). Distinct sentences
+    /// are counted on a sample of `PROBE` per intent, so huge grammars are
+    /// never enumerated.
+    pub fn hold_out(&self, seed: u64, per_intent: usize, rule: HoldOut) -> Vec<Vec<Utterance>> {
+        self.hold_out_beside(seed, per_intent, &[], rule)
     }
 
     /// More sentences to keep out of training, per intent, beside those
-    /// `before` holds (as [`Grammar::hold_out`] gave them): up to
-    /// `per_intent` more, none of `before`'s, under the same rules counted
-    /// on both together (at most a fifth of an intent's distinct
-    /// sentences in all; every word and slot value keeps half of the
-    /// sentences that say it).
+    /// `before` holds (as [`Grammar::hold_out`] gave them, by the same
+    /// `rule`): up to `per_intent` more, none of `before`'s, under the same
+    /// rules counted on both together (at most a fifth of an intent's
+    /// distinct sentences in all; every part keeps half of the sentences
+    /// that say it).
     pub fn hold_out_beside(
         &self,
         seed: u64,
         per_intent: usize,
         before: &[Vec<Utterance>],
+        rule: HoldOut,
     ) -> Vec<Vec<Utterance>> {
         const PROBE: usize = 400;
         let n = self.intents.len();
         let mut probe = self.sampler(seed ^ 0xD15C);
         let mut seen: std::collections::HashSet<String> = Default::default();
         let mut distinct = vec![0usize; n];
-        // What a sentence says: its words and its slot values.
+        // What a sentence says: its words and its slot values, and by the
+        // word-pair rule its pairs of neighbouring words too.
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
         enum Part {
             Word(String),
             Value(usize, usize),
+            Pair(String, String),
         }
         let parts = |u: &Utterance| -> Vec<Part> {
             let mut p: Vec<Part> = normalize(&u.text).into_iter().map(Part::Word).collect();
             p.extend(u.slots.iter().map(|&(s, v)| Part::Value(s, v)));
+            if rule == HoldOut::WordPairs {
+                p.extend(
+                    self.word_pairs(u)
+                        .into_iter()
+                        .map(|(a, b)| Part::Pair(a, b)),
+                );
+            }
             p.sort();
             p.dedup();
             p

@@ -128,6 +128,7 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         seed: report.seed,
         far_salads: report.far_salads,
         calibration_sentences: report.calibration_sentences,
+        test_hold_out: report.test_hold_out,
         ..TrainOptions::default()
     };
     let labels = model.labels().clone();
@@ -192,6 +193,7 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         model: dir.clone(),
         seed: Some(report.seed),
         test_utterances: Some(report.test_utterances),
+        test_hold_out: Some(report.test_hold_out),
         threads: opts.threads,
         cache: opts.cache.clone(),
     };
