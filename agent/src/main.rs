@@ -536,7 +536,6 @@ fn print_measured(m: &kith::intent::train::Measured) {
     );
 }
 
-/// `--false-accepts` is a percentage: above 0, under 100.
 /// `--test-hold-out`'s values.
 fn parse_hold_out(s: &str) -> std::result::Result<HoldOut, String> {
     match s {
@@ -546,6 +545,7 @@ fn parse_hold_out(s: &str) -> std::result::Result<HoldOut, String> {
     }
 }
 
+/// `--false-accepts` is a percentage: above 0, under 100.
 fn check_false_accepts(percent: f32) -> Result<()> {
     if !(percent > 0.0 && percent < 100.0) {
         bail!("--false-accepts is a percentage above 0 and under 100 (got {percent})");
@@ -673,7 +673,6 @@ fn intent_cmd(store: &ModelStore, cmd: IntentCommand) -> Result<()> {
                 model,
                 seed,
                 test_utterances,
-                test_hold_out: None,
                 threads: threads
                     .unwrap_or(train::TrainOptions::default().threads)
                     .max(1),

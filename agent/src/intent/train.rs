@@ -1778,9 +1778,6 @@ pub struct EvalOptions {
     /// model's `metrics.json` records, else the trainer's defaults).
     pub seed: Option<u64>,
     pub test_utterances: Option<usize>,
-    /// The test's hold-out rule (`None`: what the model's `metrics.json`
-    /// records, else the trainer's default).
-    pub test_hold_out: Option<HoldOut>,
     pub threads: usize,
     pub cache: Option<PathBuf>,
 }
@@ -1886,8 +1883,8 @@ fn evaluate_model(
     }
     let started = Instant::now();
     let test_bank = test_noise(&oog_test, &test_voices, seed)?;
-    let rule = opts.test_hold_out.unwrap_or(recorded.test_hold_out);
-    let held_out = HeldOut::of(&grammar, seed, test_utterances, rule);
+    // The rule is always the model's own: there is no test of another.
+    let held_out = HeldOut::of(&grammar, seed, test_utterances, recorded.test_hold_out);
     let mut test = TestSet::new(
         &grammar,
         &held_out,

@@ -193,7 +193,6 @@ pub fn recalibrate(front: &FrontFiles, opts: &CalibrateOptions) -> Result<Recali
         model: dir.clone(),
         seed: Some(report.seed),
         test_utterances: Some(report.test_utterances),
-        test_hold_out: Some(report.test_hold_out),
         threads: opts.threads,
         cache: opts.cache.clone(),
     };
