@@ -14,6 +14,14 @@ moves with each model's calibrated thresholds, so a second table compares
 the best answers alone.
 
     python3 paired.py A_DIR B_DIR
+    python3 paired.py --shared A_DIR B_DIR
+
+With `--shared` the two runs may have heard different clips (another
+grammar, so another draw of test sentences): only the clips both heard are
+compared, matched on condition, sentence, voice, rate and pitch, and only
+where both grammars give the sentence the same meaning (a sentence whose
+intent or slots the grammars write differently is a change of meaning,
+counted apart, not a right or wrong of either model).
 """
 
 import json
@@ -59,31 +67,75 @@ def top_right(clip):
     return clip.get("heard") == clip.get("intent") and clip.get("heard_slots") == clip.get("slots")
 
 
-def table(title, a, b, right, conditions):
+def row(name, pairs):
+    only_a = sum(1 for x, y in pairs if x and not y)
+    only_b = sum(1 for x, y in pairs if y and not x)
+    print(
+        f"{name:<30} {len(pairs):>5} {sum(x for x, _ in pairs):>5} {sum(y for _, y in pairs):>5}"
+        f" {only_a:>7} {only_b:>7} {mcnemar(only_a, only_b):>7.3f}"
+    )
+
+
+def table(title, a, b, right, conditions, goal):
     print(title)
     print(f"{'condition':<30} {'clips':>5} {'A':>5} {'B':>5} {'only A':>7} {'only B':>7} {'p':>7}")
     for cond in conditions:
-        pairs = [(right(x), right(y)) for x, y in zip(a, b) if x.get("condition") == cond]
-        only_a = sum(1 for x, y in pairs if x and not y)
-        only_b = sum(1 for x, y in pairs if y and not x)
-        print(
-            f"{cond:<30} {len(pairs):>5} {sum(x for x, _ in pairs):>5} {sum(y for _, y in pairs):>5}"
-            f" {only_a:>7} {only_b:>7} {mcnemar(only_a, only_b):>7.3f}"
-        )
+        row(cond, [(right(x), right(y)) for x, y in zip(a, b) if x.get("condition") == cond])
+    if len(goal) > 1:
+        row("goal (clean, 24/18/12 dB)", [(right(x), right(y)) for x, y in zip(a, b) if x.get("condition") in goal])
+
+
+GOAL = ("clean", "babble 24 dB", "babble 18 dB", "babble 12 dB", "pink 24 dB", "pink 18 dB", "pink 12 dB")
+
+
+def key(clip):
+    return (clip.get("condition"), clip.get("said"), clip.get("voice"), clip.get("rate"), clip.get("pitch"))
+
+
+def shared_clips(a, b):
+    """The clips both runs heard with the same meaning, as two lists in the
+    same order, and how many shared clips the grammars gave other meanings."""
+    by_key = {}
+    for clip in b:
+        by_key.setdefault(key(clip), clip)
+    pairs, other_meaning = [], 0
+    for clip in a:
+        twin = by_key.get(key(clip))
+        if twin is None:
+            continue
+        if (clip.get("intent"), clip.get("slots")) != (twin.get("intent"), twin.get("slots")):
+            other_meaning += 1
+            continue
+        pairs.append((clip, twin))
+    return [x for x, _ in pairs], [y for _, y in pairs], other_meaning
 
 
 def main():
-    if len(sys.argv) != 3:
-        sys.exit("usage: python3 paired.py A_DIR B_DIR")
-    a, b = clips(sys.argv[1]), clips(sys.argv[2])
-    key = lambda c: (c.get("condition"), c.get("said"), c.get("voice"), c.get("rate"), c.get("pitch"))
-    if len(a) != len(b) or any(key(x) != key(y) for x, y in zip(a, b)):
-        sys.exit("the two runs did not hear the same clips (train both with the same context, seed and test options)")
+    args = sys.argv[1:]
+    shared = "--shared" in args
+    args = [x for x in args if x != "--shared"]
+    if len(args) != 2:
+        sys.exit("usage: python3 paired.py [--shared] A_DIR B_DIR")
+    a, b = clips(args[0]), clips(args[1])
+    if shared:
+        total_a, total_b = len(a), len(b)
+        a, b, other_meaning = shared_clips(a, b)
+        print(
+            f"shared clips: {len(a)} (of {total_a} in A, {total_b} in B);"
+            f" {other_meaning} more shared but with another meaning in the two grammars"
+        )
+        print()
+    elif len(a) != len(b) or any(key(x) != key(y) for x, y in zip(a, b)):
+        sys.exit(
+            "the two runs did not hear the same clips (train both with the same context, seed and test options,"
+            " or compare the clips they share with --shared)"
+        )
     conditions = list(dict.fromkeys(c.get("condition") for c in a))
-    table("accepted (out of grammar: falsely accepted)", a, b, accepted, conditions)
+    goal = [c for c in GOAL if c in conditions]
+    table("accepted (out of grammar: falsely accepted)", a, b, accepted, conditions, goal)
     in_grammar = [c for c in conditions if any(x.get("condition") == c and x.get("intent") is not None for x in a)]
     print()
-    table("top choice right, whatever the threshold", a, b, top_right, in_grammar)
+    table("top choice right, whatever the threshold", a, b, top_right, in_grammar, goal)
 
 
 if __name__ == "__main__":
