@@ -886,11 +886,35 @@ pub struct EpochReport {
     pub validation_accuracy: f32,
 }
 
-/// AdamW state.
+/// AdamW state, with a step count per parameter so that parameters joining
+/// later (a tuned front's layers) start their bias correction afresh while
+/// the others carry their moments on.
 struct Adam {
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
-    step: i32,
+    steps: Vec<i32>,
+}
+
+impl Adam {
+    /// Zero moments for every parameter of `net` this state does not hold yet.
+    fn cover(&mut self, net: &mut Net) {
+        for p in net.params_mut().into_iter().skip(self.m.len()) {
+            self.m.push(vec![0.0; p.len()]);
+            self.v.push(vec![0.0; p.len()]);
+            self.steps.push(0);
+        }
+    }
+}
+
+/// Where one part of training sits in the learning-rate schedules.
+struct Part {
+    /// Epoch number of the part's first epoch, of `total_epochs`, for reports.
+    first: usize,
+    total_epochs: usize,
+    /// Optimizer steps taken before this part, and in the whole run: the
+    /// network's own layers follow one cosine decay over all of training.
+    steps_before: usize,
+    steps_total: usize,
 }
 
 impl Net {
@@ -908,9 +932,28 @@ impl Net {
     ) {
         let front_epochs = tuned_epochs(opts.epochs, opts.front_epochs);
         let frozen = opts.epochs - front_epochs;
+        let steps_per_epoch = train.len().div_ceil(opts.batch.max(1));
+        let whole = Part {
+            first: 0,
+            total_epochs: opts.epochs,
+            steps_before: 0,
+            steps_total: steps_per_epoch * opts.epochs,
+        };
+        let mut adam = Adam {
+            m: Vec::new(),
+            v: Vec::new(),
+            steps: Vec::new(),
+        };
         if self.front.is_none() || frozen == 0 {
-            let best =
-                self.train_part(train, validation, opts, 0, opts.epochs, None, &mut on_epoch);
+            let best = self.train_part(
+                train,
+                validation,
+                opts,
+                &whole,
+                &mut adam,
+                None,
+                &mut on_epoch,
+            );
             *self = best.1;
             return;
         }
@@ -925,14 +968,18 @@ impl Net {
             &plain_train,
             &plain_validation,
             &part,
-            0,
-            opts.epochs,
+            &whole,
+            &mut adam,
             None,
             &mut on_epoch,
         );
         drop((plain_train, plain_validation));
         best.front = front;
         *self = best.clone();
+        // The second part goes on from the first: the network's own layers
+        // keep their optimizer moments and their place in the decay (a fresh
+        // start there doubled the loss at the switch), while the front's
+        // layers warm up on a cosine decay of their own.
         let part = TrainOptions {
             epochs: front_epochs,
             seed: opts.seed.wrapping_add(0x5eed),
@@ -942,8 +989,12 @@ impl Net {
             train,
             validation,
             &part,
-            frozen,
-            opts.epochs,
+            &Part {
+                first: frozen,
+                steps_before: steps_per_epoch * frozen,
+                ..whole
+            },
+            &mut adam,
             Some((accuracy, best)),
             &mut on_epoch,
         );
@@ -973,37 +1024,28 @@ impl Net {
         })
     }
 
-    /// `opts.epochs` epochs of training from this network, numbered from
-    /// `first` of `total` in the reports, with a cosine schedule of their
-    /// own; the best network by validation accuracy, `best` included.
+    /// `opts.epochs` epochs of training from this network, placed in the
+    /// run by `part`, with `adam` carried from any part before; the best
+    /// network by validation accuracy, `best` included.
     #[allow(clippy::too_many_arguments)]
     fn train_part(
         &mut self,
         train: &[Example],
         validation: &[Example],
         opts: &TrainOptions,
-        first: usize,
-        total_epochs: usize,
+        part: &Part,
+        adam: &mut Adam,
         mut best: Option<(f32, Net)>,
         on_epoch: &mut impl FnMut(EpochReport),
     ) -> (f32, Net) {
         let mut rng = Rng::new(opts.seed);
         let mut order: Vec<usize> = (0..train.len()).collect();
-        let mut adam = Adam {
-            m: self
-                .params_mut()
-                .iter()
-                .map(|p| vec![0.0; p.len()])
-                .collect(),
-            v: self
-                .params_mut()
-                .iter()
-                .map(|p| vec![0.0; p.len()])
-                .collect(),
-            step: 0,
-        };
+        adam.cover(self);
         let steps_per_epoch = train.len().div_ceil(opts.batch.max(1));
-        let total = (steps_per_epoch * opts.epochs).max(1);
+        let own_total = part.steps_total.max(1);
+        let front_total = (steps_per_epoch * opts.epochs).max(1);
+        let cosine = |progress: f32| 0.5 * (1.0 + (std::f32::consts::PI * progress.min(1.0)).cos());
+        let mut step = 0usize;
         for epoch in 0..opts.epochs {
             rng.shuffle(&mut order);
             let mut loss_sum = 0.0;
@@ -1012,20 +1054,21 @@ impl Net {
                 let noise = (opts.dropout > 0.0).then(|| (rng.next_u64(), opts.dropout));
                 let (loss, grads) = self.parallel_grads_with(&examples, opts.threads, noise);
                 loss_sum += loss * examples.len() as f32;
-                let progress = adam.step as f32 / total as f32;
-                let decay = 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
+                let own = cosine((part.steps_before + step) as f32 / own_total as f32);
+                let front = cosine(step as f32 / front_total as f32);
+                step += 1;
                 self.adam_step(
-                    &mut adam,
+                    adam,
                     grads,
-                    opts.learning_rate * decay,
+                    opts.learning_rate * own,
                     opts.weight_decay,
-                    opts.front_learning_rate * decay,
+                    opts.front_learning_rate * front,
                 );
             }
             let accuracy = self.parallel_accuracy(validation, opts.threads);
             on_epoch(EpochReport {
-                epoch: first + epoch + 1,
-                epochs: total_epochs,
+                epoch: part.first + epoch + 1,
+                epochs: part.total_epochs,
                 loss: loss_sum / train.len().max(1) as f32,
                 validation_accuracy: accuracy,
             });
@@ -1100,11 +1143,11 @@ impl Net {
             .sum::<f32>()
             .sqrt();
         let clip = if norm > 5.0 { 5.0 / norm } else { 1.0 };
-        adam.step += 1;
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-        let c1 = 1.0 - b1.powi(adam.step);
-        let c2 = 1.0 - b2.powi(adam.step);
         for (pi, p) in self.params_mut().into_iter().enumerate() {
+            adam.steps[pi] += 1;
+            let c1 = 1.0 - b1.powi(adam.steps[pi]);
+            let c2 = 1.0 - b2.powi(adam.steps[pi]);
             let (lr, weight_decay) = if pi < own {
                 (lr, weight_decay)
             } else {
