@@ -402,10 +402,14 @@ fn serve_echo(job: &Job, stats: &WorkerStats, cut: &AtomicBool) -> Served {
         sent += 1;
     }
     stats.tokens.fetch_add(sent as u64, Ordering::Relaxed);
-    finished(job, finish, sent)
+    finished(job, stats, finish, sent)
 }
 
-fn finished(job: &Job, finish: Finish, completion_tokens: usize) -> Served {
+/// Sends `Done`, the worker marked idle first: a client that sends its
+/// next request the moment this one ends must find the worker free, not
+/// routed around it (a node seen busy hands work to a peer).
+fn finished(job: &Job, stats: &WorkerStats, finish: Finish, completion_tokens: usize) -> Served {
+    stats.busy.store(false, Ordering::SeqCst);
     if send(
         &job.events,
         TextEvent::Done {
@@ -518,5 +522,44 @@ fn serve_language(
             .tokens_per_s_milli
             .store((generated as f64 / secs * 1000.0) as u64, Ordering::Relaxed);
     }
-    finished(job, finish, generated)
+    finished(job, stats, finish, generated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_is_idle_once_only_done_is_left_to_deliver() {
+        let worker =
+            ModelWorker::spawn("echo", Backend::Echo, 2, false, CutFlag::default()).expect("spawn");
+        // Room for one event: the worker waits on this reader at each send.
+        let (tx, mut rx) = mpsc::channel(1);
+        worker
+            .submit(Job {
+                prompt: Prompt::Text("one two three".into()),
+                options: GenerateOptions::default(),
+                events: tx,
+            })
+            .expect("queue has room");
+        // Started, "one", " two": then " three" fills the channel and the
+        // worker waits to send Done, its generation over.
+        for _ in 0..3 {
+            assert!(rx.blocking_recv().is_some());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while worker.stats.busy.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A client that asks again the moment Done arrives finds it free.
+        assert!(
+            !worker.stats.busy.load(Ordering::SeqCst),
+            "still busy with only Done to deliver"
+        );
+        let rest: Vec<TextEvent> = std::iter::from_fn(|| rx.blocking_recv()).collect();
+        assert!(
+            matches!(rest.as_slice(), [TextEvent::Text(t), TextEvent::Done { completion_tokens: 3, .. }] if t == " three"),
+            "{rest:?}"
+        );
+    }
 }
