@@ -979,7 +979,7 @@ impl Net {
         // The second part goes on from the first: the network's own layers
         // keep their optimizer moments and their place in the decay (a fresh
         // start there doubled the loss at the switch), while the front's
-        // layers warm up on a cosine decay of their own.
+        // layers start a cosine decay of their own.
         let part = TrainOptions {
             epochs: front_epochs,
             seed: opts.seed.wrapping_add(0x5eed),
