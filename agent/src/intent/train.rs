@@ -1234,7 +1234,7 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
     let held_out = HeldOut::of(grammar, opts.seed, opts.test_utterances, opts.test_hold_out);
     // Sentences kept out for the thresholds alone, beside the test's.
     let reserved: Vec<Utterance> = if opts.calibration_sentences > 0 {
-        grammar
+        let reserved: Vec<Utterance> = grammar
             .hold_out_beside(
                 opts.seed ^ 0x6361_6c5f_686f_6c64,
                 opts.calibration_sentences,
@@ -1243,17 +1243,16 @@ fn plan(grammar: &Grammar, labels: &Labels, opts: &TrainOptions) -> Result<Plan>
             )
             .into_iter()
             .flatten()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if opts.calibration_sentences > 0 {
+            .collect();
         eprintln!(
             "{} sentences kept out of training for the thresholds ({} asked per intent; an intent gives at most a fifth of its sentences, with the test's)",
             reserved.len(),
             opts.calibration_sentences
         );
-    }
+        reserved
+    } else {
+        Vec::new()
+    };
     let held_texts: HashSet<String> = held_out.texts();
     let not_trained: HashSet<String> = held_texts
         .iter()
@@ -2700,6 +2699,49 @@ mod tests {
         assert_eq!(format!("{again:?}"), format!("{jobs:?}"));
         let other = calibration_commands(&grammar, &[], &said, &held, &voices, &bank, 8);
         assert_ne!(format!("{other:?}"), format!("{jobs:?}"));
+    }
+
+    #[test]
+    fn sentences_kept_for_the_thresholds_are_neither_trained_on_nor_tested() {
+        // order has 3 x 30 sentences: enough to keep some for the test and
+        // some for the thresholds; cancel's 4 give none to the thresholds.
+        let values: Vec<String> = (0..30).map(|k| format!("\"drink {k}\"")).collect();
+        let grammar = Grammar::parse(&format!(
+            "context:\n  expressions:\n    cancel:\n      - \"[cancel, forget] (the) order\"\n    order:\n      - \"[a, one, my] $drink:drink\"\n  slots:\n    drink: [{}]\n",
+            values.join(", ")
+        ))
+        .expect("a good grammar");
+        let labels = labels_of(&grammar, "sha");
+        let draw = |calibration_sentences| TrainOptions {
+            utterances: 300,
+            test_utterances: 10,
+            calibration_sentences,
+            seed: 11,
+            ..TrainOptions::default()
+        };
+        let texts = |jobs: &[Job]| -> HashSet<String> {
+            jobs.iter()
+                .filter(|j| j.kind == Kind::Command)
+                .map(|j| j.text.clone())
+                .collect()
+        };
+        let kept = plan(&grammar, &labels, &draw(4)).expect("a plan");
+        let plain = plan(&grammar, &labels, &draw(0)).expect("a plan");
+        let trained = texts(&kept.jobs);
+        let tested = texts(&kept.test.jobs);
+        let for_thresholds = texts(&kept.calibration_commands);
+        // Without sentences kept, the thresholds hear only what neither
+        // training nor the test says of this grammar; with them, more.
+        assert!(
+            for_thresholds.len() > texts(&plain.calibration_commands).len(),
+            "{for_thresholds:?}"
+        );
+        for text in &for_thresholds {
+            assert!(!trained.contains(text), "trained on {text}");
+            assert!(!tested.contains(text), "tested on {text}");
+            assert!(text.ends_with(char::is_numeric), "not an order: {text}");
+        }
+        assert_eq!(tested, texts(&plain.test.jobs), "the test is the same");
     }
 
     #[test]
