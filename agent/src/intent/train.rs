@@ -2644,15 +2644,20 @@ mod tests {
         assert!(drawn.len() > 50, "{} different salads", drawn.len());
     }
 
-    #[test]
-    fn calibration_commands_are_sentences_neither_trained_on_nor_tested() {
-        // cancel has 4 sentences, all trained on; order has 3 x 30.
+    /// cancel has 4 sentences; order has 3 x 30.
+    fn orders_grammar() -> Grammar {
         let values: Vec<String> = (0..30).map(|k| format!("\"drink {k}\"")).collect();
-        let grammar = Grammar::parse(&format!(
+        Grammar::parse(&format!(
             "context:\n  expressions:\n    cancel:\n      - \"[cancel, forget] (the) order\"\n    order:\n      - \"[a, one, my] $drink:drink\"\n  slots:\n    drink: [{}]\n",
             values.join(", ")
         ))
-        .expect("a good grammar");
+        .expect("a good grammar")
+    }
+
+    #[test]
+    fn calibration_commands_are_sentences_neither_trained_on_nor_tested() {
+        // cancel has 4 sentences, all trained on; order has 3 x 30.
+        let grammar = orders_grammar();
         let mut said: Vec<String> = ["cancel order", "forget order", "cancel the order"]
             .iter()
             .map(|s| s.to_string())
@@ -2705,12 +2710,7 @@ mod tests {
     fn sentences_kept_for_the_thresholds_are_neither_trained_on_nor_tested() {
         // order has 3 x 30 sentences: enough to keep some for the test and
         // some for the thresholds; cancel's 4 give none to the thresholds.
-        let values: Vec<String> = (0..30).map(|k| format!("\"drink {k}\"")).collect();
-        let grammar = Grammar::parse(&format!(
-            "context:\n  expressions:\n    cancel:\n      - \"[cancel, forget] (the) order\"\n    order:\n      - \"[a, one, my] $drink:drink\"\n  slots:\n    drink: [{}]\n",
-            values.join(", ")
-        ))
-        .expect("a good grammar");
+        let grammar = orders_grammar();
         let labels = labels_of(&grammar, "sha");
         let draw = |calibration_sentences| TrainOptions {
             utterances: 300,
