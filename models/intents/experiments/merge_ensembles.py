@@ -24,13 +24,18 @@ def members_of(graph):
     return {n.output[0]: list(n.input) for n in graph.node if n.op_type == "Mean"}
 
 
+def rename(x, old, new):
+    """`x` with its prefix from `old` replaced by the one beside it in `new`."""
+    for o, n in zip(old, new):
+        if x.startswith(o):
+            return n + x[len(o):]
+    return x
+
+
 def renamed(graph, old, new):
     """The graph's nodes and initializers, `old` prefixes renamed `new`."""
     def name(x):
-        for o, n in zip(old, new):
-            if x.startswith(o):
-                return n + x[len(o):]
-        return x
+        return rename(x, old, new)
 
     nodes = []
     for node in graph.node:
@@ -73,8 +78,7 @@ def main(argv):
         nodes += n
         inits += t
         for h in heads:
-            means[h] += [new[old.index(x[: x.index(".") + 1])] + x[x.index(".") + 1:]
-                         for x in per_head[h]]
+            means[h] += [rename(x, old, new) for x in per_head[h]]
         count += k
     for h in heads:
         nodes.append(helper.make_node("Mean", means[h], [h]))
