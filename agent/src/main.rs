@@ -87,7 +87,7 @@ enum IntentCommand {
         /// Threads for synthesis and training [default: all cores]
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
-        /// Random seed: the same seed, context, options and machine give the same data and model
+        /// Random seed: the same seed, context, options and --threads give the same data and model
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Keep the rendered clips' features here and reuse them when a later
